@@ -1,0 +1,702 @@
+//! File block maps: persistent copy-on-write Merkle trees.
+//!
+//! A regular file is a sequence of fixed-size logical blocks. Block `i` is either a hole
+//! (reads as zeros, stores nothing) or the chunk whose BLAKE3 hash is recorded for it.
+//! The map from block index to chunk is a radix tree of fan-out [`FANOUT`] (256):
+//!
+//! ```text
+//!   MapRoot { node, depth = 2, blocks }          (in the inode record)
+//!            |
+//!        [level 2 node]   slot s covers blocks [s*256, s*256 + 256)
+//!         /     \
+//!   [level 1]  [level 1]  slot s -> chunk hash of block base + s
+//! ```
+//!
+//! Nodes are sparse (only non-empty slots are stored), immutable, and named by the hash of
+//! their encoding, like chunks: a Merkle tree. Each slot of an inner node also records how
+//! many data blocks lie below it, so the root knows the file's allocated block count and
+//! whole subtrees can be dropped or tested for fullness without reading them.
+//!
+//! Why this shape:
+//! - **O(1) clones.** Two inodes may hold the same root; nothing is ever modified in place,
+//!   so sharing a whole map is copying a 41-byte [`MapRoot`].
+//! - **Writes touch one path.** Changing a set of blocks rewrites only the nodes on the
+//!   paths from those leaves to the root (`update`); untouched subtrees stay shared with
+//!   every clone and snapshot that holds them.
+//! - **Range operations in O(depth + edges).** Truncate and punch drop covered subtrees by
+//!   their slot (`clear_range`); a copy of a range at the same offset in two files grafts
+//!   covered subtrees from one tree into the other (`graft`), which is what makes
+//!   copy_file_range at equal offsets (coreutils `cp`) metadata-only.
+//! - **Content addressing dedups metadata too**: identical subtrees (two copies of one
+//!   image) are one node.
+//!
+//! New nodes go into the caller's metadata batch, so a map change and the inode record
+//! that points at its new root commit atomically. Nodes no root reaches are garbage for GC.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::error::{FsError, Result};
+use crate::ids::ChunkId;
+use crate::meta::{Batch, MapRoot, Meta};
+
+/// Slots per node.
+pub const FANOUT: u64 = 256;
+const FANOUT_BITS: u32 = 8;
+/// Deepest tree allowed: 256^7 blocks is beyond any file size thinfs accepts.
+const MAX_DEPTH: u8 = 7;
+/// Cached decoded nodes before the cache is emptied (bounds daemon memory).
+const NODE_CACHE_LIMIT: usize = 16384;
+/// Format byte of a node encoding.
+const NODE_V1: u8 = 1;
+
+/// One slot of a node: the child (a chunk at level 1, a node above) and its data blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub slot: u8,
+    pub id: ChunkId,
+    pub count: u64,
+}
+
+type Entries = Vec<Entry>;
+
+/// Reads, writes and caches block-map nodes.
+pub struct BlockMaps {
+    meta: Arc<Meta>,
+    cache: DashMap<ChunkId, Arc<Entries>>,
+}
+
+/// Number of blocks a slot at `level` covers.
+fn span(level: u8) -> u64 {
+    1u64 << (FANOUT_BITS * (level as u32 - 1))
+}
+
+/// Number of blocks a tree of `depth` covers.
+fn capacity(depth: u8) -> u64 {
+    1u64 << (FANOUT_BITS * depth as u32)
+}
+
+fn encode(level: u8, entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + entries.len() * 41);
+    out.push(NODE_V1);
+    out.push(level);
+    out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+    for e in entries {
+        out.push(e.slot);
+        out.extend_from_slice(&e.id.0);
+        if level > 1 {
+            out.extend_from_slice(&e.count.to_be_bytes());
+        }
+    }
+    out
+}
+
+fn decode(id: &ChunkId, bytes: &[u8]) -> Result<Entries> {
+    let bad = |what: &str| FsError::Meta(format!("block-map node {id}: {what}"));
+    if bytes.len() < 4 || bytes[0] != NODE_V1 {
+        return Err(bad("unknown format"));
+    }
+    let level = bytes[1];
+    let n = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
+    let width = if level > 1 { 41 } else { 33 };
+    if bytes.len() != 4 + n * width {
+        return Err(bad("wrong length"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for rec in bytes[4..].chunks_exact(width) {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&rec[1..33]);
+        let count = if level > 1 {
+            u64::from_be_bytes(rec[33..41].try_into().map_err(|_| bad("count"))?)
+        } else {
+            1
+        };
+        out.push(Entry {
+            slot: rec[0],
+            id: ChunkId(h),
+            count,
+        });
+    }
+    Ok(out)
+}
+
+fn find(entries: &[Entry], slot: u8) -> Option<&Entry> {
+    entries
+        .binary_search_by_key(&slot, |e| e.slot)
+        .ok()
+        .map(|i| &entries[i])
+}
+
+fn set(entries: &mut Entries, slot: u8, value: Option<(ChunkId, u64)>) {
+    match (entries.binary_search_by_key(&slot, |e| e.slot), value) {
+        (Ok(i), Some((id, count))) => entries[i] = Entry { slot, id, count },
+        (Ok(i), None) => {
+            entries.remove(i);
+        }
+        (Err(i), Some((id, count))) => entries.insert(i, Entry { slot, id, count }),
+        (Err(_), None) => {}
+    }
+}
+
+impl BlockMaps {
+    pub fn new(meta: Arc<Meta>) -> Self {
+        BlockMaps {
+            meta,
+            cache: DashMap::new(),
+        }
+    }
+
+    /// The entries of node `id`.
+    pub fn load(&self, id: &ChunkId) -> Result<Arc<Entries>> {
+        if let Some(e) = self.cache.get(id) {
+            return Ok(e.clone());
+        }
+        let bytes = self
+            .meta
+            .node(id)?
+            .ok_or_else(|| FsError::Meta(format!("block-map node {id} is missing")))?;
+        let entries = Arc::new(decode(id, &bytes)?);
+        self.cache_put(*id, entries.clone());
+        Ok(entries)
+    }
+
+    fn cache_put(&self, id: ChunkId, entries: Arc<Entries>) {
+        if self.cache.len() >= NODE_CACHE_LIMIT {
+            self.cache.clear();
+        }
+        self.cache.insert(id, entries);
+    }
+
+    /// Stores a node (unless empty) and returns its slot value for the parent.
+    fn store(&self, level: u8, entries: Entries, batch: &mut Batch) -> Option<(ChunkId, u64)> {
+        if entries.is_empty() {
+            return None;
+        }
+        let bytes = encode(level, &entries);
+        let id = ChunkId::of(&bytes);
+        let count = entries.iter().map(|e| e.count).sum();
+        if !self.cache.contains_key(&id) {
+            self.meta.put_node(batch, &id, bytes);
+            self.cache_put(id, Arc::new(entries));
+        }
+        Some((id, count))
+    }
+
+    fn root_of(value: Option<(ChunkId, u64)>, depth: u8) -> Option<MapRoot> {
+        value.map(|(node, blocks)| MapRoot {
+            node,
+            depth,
+            blocks,
+        })
+    }
+
+    /// Grows `root` until it covers block `max_idx`.
+    fn grow(
+        &self,
+        root: Option<MapRoot>,
+        max_idx: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<MapRoot>> {
+        let Some(mut r) = root else { return Ok(None) };
+        while max_idx >= capacity(r.depth) {
+            if r.depth >= MAX_DEPTH {
+                return Err(FsError::TooBig);
+            }
+            let entries = vec![Entry {
+                slot: 0,
+                id: r.node,
+                count: r.blocks,
+            }];
+            let (node, blocks) = self
+                .store(r.depth + 1, entries, batch)
+                .unwrap_or((r.node, r.blocks));
+            r = MapRoot {
+                node,
+                depth: r.depth + 1,
+                blocks,
+            };
+        }
+        Ok(Some(r))
+    }
+
+    fn depth_for(max_idx: u64) -> Result<u8> {
+        let mut d = 1;
+        while max_idx >= capacity(d) {
+            d += 1;
+            if d > MAX_DEPTH {
+                return Err(FsError::TooBig);
+            }
+        }
+        Ok(d)
+    }
+
+    /// The chunk of block `idx` (`None`: a hole).
+    pub fn lookup(&self, root: Option<MapRoot>, idx: u64) -> Result<Option<ChunkId>> {
+        let Some(r) = root else { return Ok(None) };
+        if idx >= capacity(r.depth) {
+            return Ok(None);
+        }
+        let mut node = r.node;
+        for level in (1..=r.depth).rev() {
+            let entries = self.load(&node)?;
+            let slot = ((idx / span(level)) % FANOUT) as u8;
+            match find(&entries, slot) {
+                None => return Ok(None),
+                Some(e) if level == 1 => return Ok(Some(e.id)),
+                Some(e) => node = e.id,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Applies `changes` (block index -> chunk, or `None` for a hole) and returns the new
+    /// root. New nodes are added to `batch`.
+    pub fn update(
+        &self,
+        root: Option<MapRoot>,
+        changes: &BTreeMap<u64, Option<ChunkId>>,
+        batch: &mut Batch,
+    ) -> Result<Option<MapRoot>> {
+        let Some((&max_idx, _)) = changes.iter().next_back() else {
+            return Ok(root);
+        };
+        let changes: Vec<(u64, Option<ChunkId>)> = changes.iter().map(|(k, v)| (*k, *v)).collect();
+        let root = self.grow(root, max_idx, batch)?;
+        let depth = match root {
+            Some(r) => r.depth,
+            None => Self::depth_for(max_idx)?,
+        };
+        let value = self.update_node(root.map(|r| r.node), depth, 0, &changes, batch)?;
+        Ok(Self::root_of(value, depth))
+    }
+
+    fn update_node(
+        &self,
+        node: Option<ChunkId>,
+        level: u8,
+        base: u64,
+        changes: &[(u64, Option<ChunkId>)],
+        batch: &mut Batch,
+    ) -> Result<Option<(ChunkId, u64)>> {
+        let mut entries: Entries = match node {
+            Some(id) => (*self.load(&id)?).clone(),
+            None => Vec::new(),
+        };
+        if level == 1 {
+            for &(idx, chunk) in changes {
+                set(&mut entries, (idx - base) as u8, chunk.map(|c| (c, 1)));
+            }
+        } else {
+            let sp = span(level);
+            let mut rest = changes;
+            while let Some(&(first, _)) = rest.first() {
+                let slot = (first - base) / sp;
+                let child_base = base + slot * sp;
+                let n = rest.partition_point(|(i, _)| *i < child_base + sp);
+                let (group, tail) = rest.split_at(n);
+                rest = tail;
+                let child = find(&entries, slot as u8).map(|e| e.id);
+                let value = self.update_node(child, level - 1, child_base, group, batch)?;
+                set(&mut entries, slot as u8, value);
+            }
+        }
+        Ok(self.store(level, entries, batch))
+    }
+
+    /// Makes blocks `[start, end)` holes.
+    pub fn clear_range(
+        &self,
+        root: Option<MapRoot>,
+        start: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<MapRoot>> {
+        let Some(r) = root else { return Ok(None) };
+        let end = end.min(capacity(r.depth));
+        if start >= end {
+            return Ok(root);
+        }
+        let value = self.clear_node(r.node, r.depth, 0, start, end, batch)?;
+        Ok(Self::root_of(value, r.depth))
+    }
+
+    fn clear_node(
+        &self,
+        node: ChunkId,
+        level: u8,
+        base: u64,
+        start: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<(ChunkId, u64)>> {
+        let old = self.load(&node)?;
+        let sp = span(level);
+        let mut entries = Vec::with_capacity(old.len());
+        let mut changed = false;
+        for e in old.iter() {
+            let lo = base + e.slot as u64 * sp;
+            let hi = lo + sp;
+            if hi <= start || lo >= end {
+                entries.push(*e);
+            } else if start <= lo && hi <= end {
+                changed = true;
+            } else {
+                changed = true;
+                if let Some((id, count)) =
+                    self.clear_node(e.id, level - 1, lo, start, end, batch)?
+                {
+                    entries.push(Entry {
+                        slot: e.slot,
+                        id,
+                        count,
+                    });
+                }
+            }
+        }
+        if !changed {
+            return Ok(Some((node, old.iter().map(|e| e.count).sum())));
+        }
+        Ok(self.store(level, entries, batch))
+    }
+
+    /// Makes blocks `[start, end)` of `dst` equal to those of `src`, sharing whole subtrees.
+    pub fn graft(
+        &self,
+        dst: Option<MapRoot>,
+        src: Option<MapRoot>,
+        start: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<MapRoot>> {
+        if start >= end {
+            return Ok(dst);
+        }
+        let Some(s) = src else {
+            return self.clear_range(dst, start, end, batch);
+        };
+        // Bring both trees to one depth that covers the range.
+        let need = Self::depth_for(end - 1)?
+            .max(s.depth)
+            .max(dst.map(|d| d.depth).unwrap_or(1));
+        let s = self.grow(Some(s), capacity(need) - 1, batch)?;
+        let d = self.grow(dst, capacity(need) - 1, batch)?;
+        let value = self.graft_node(
+            d.map(|r| r.node),
+            s.map(|r| (r.node, r.blocks)),
+            need,
+            0,
+            start,
+            end,
+            batch,
+        )?;
+        Ok(Self::root_of(value, need))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn graft_node(
+        &self,
+        dst: Option<ChunkId>,
+        src: Option<(ChunkId, u64)>,
+        level: u8,
+        base: u64,
+        start: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<(ChunkId, u64)>> {
+        let sp = span(level);
+        let node_end = base + sp * FANOUT;
+        if start <= base && node_end <= end {
+            return Ok(src);
+        }
+        if dst.is_some() && dst == src.map(|s| s.0) {
+            return Ok(src);
+        }
+        let dst_entries: Arc<Entries> = match dst {
+            Some(id) => self.load(&id)?,
+            None => Arc::new(Vec::new()),
+        };
+        let src_entries: Arc<Entries> = match src {
+            Some((id, _)) => self.load(&id)?,
+            None => Arc::new(Vec::new()),
+        };
+        let mut entries = Entries::new();
+        let mut slots: Vec<u8> = dst_entries
+            .iter()
+            .chain(src_entries.iter())
+            .map(|e| e.slot)
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            let lo = base + slot as u64 * sp;
+            let hi = lo + sp;
+            let d = find(&dst_entries, slot).copied();
+            let s = find(&src_entries, slot).copied();
+            let value = if hi <= start || lo >= end {
+                d.map(|e| (e.id, e.count))
+            } else if (start <= lo && hi <= end) || level == 1 {
+                s.map(|e| (e.id, e.count))
+            } else {
+                self.graft_node(
+                    d.map(|e| e.id),
+                    s.map(|e| (e.id, e.count)),
+                    level - 1,
+                    lo,
+                    start,
+                    end,
+                    batch,
+                )?
+            };
+            if let Some((id, count)) = value {
+                entries.push(Entry { slot, id, count });
+            }
+        }
+        Ok(self.store(level, entries, batch))
+    }
+
+    /// The first data block at or after `from`, if any.
+    pub fn next_data(&self, root: Option<MapRoot>, from: u64) -> Result<Option<u64>> {
+        let Some(r) = root else { return Ok(None) };
+        if from >= capacity(r.depth) {
+            return Ok(None);
+        }
+        self.next_data_node(&r.node, r.depth, 0, from)
+    }
+
+    fn next_data_node(
+        &self,
+        node: &ChunkId,
+        level: u8,
+        base: u64,
+        from: u64,
+    ) -> Result<Option<u64>> {
+        let entries = self.load(node)?;
+        let sp = span(level);
+        for e in entries.iter() {
+            let lo = base + e.slot as u64 * sp;
+            if lo + sp <= from {
+                continue;
+            }
+            if level == 1 {
+                return Ok(Some(lo));
+            }
+            if let Some(x) = self.next_data_node(&e.id, level - 1, lo, from.max(lo))? {
+                return Ok(Some(x));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first hole at or after `from` (blocks beyond the tree are holes).
+    pub fn next_hole(&self, root: Option<MapRoot>, from: u64) -> Result<u64> {
+        let Some(r) = root else { return Ok(from) };
+        if from >= capacity(r.depth) {
+            return Ok(from);
+        }
+        Ok(self
+            .next_hole_node(&r.node, r.depth, 0, from)?
+            .unwrap_or(capacity(r.depth)))
+    }
+
+    fn next_hole_node(
+        &self,
+        node: &ChunkId,
+        level: u8,
+        base: u64,
+        from: u64,
+    ) -> Result<Option<u64>> {
+        let entries = self.load(node)?;
+        let sp = span(level);
+        let first = ((from - base) / sp) as usize;
+        for slot in first..FANOUT as usize {
+            let lo = base + slot as u64 * sp;
+            let at = from.max(lo);
+            match find(&entries, slot as u8) {
+                None => return Ok(Some(at)),
+                Some(e) if e.count == sp => continue,
+                Some(e) => {
+                    if let Some(x) = self.next_hole_node(&e.id, level - 1, lo, at)? {
+                        return Ok(Some(x));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Calls `on_chunk(block index, chunk)` for every data block in `[start, end)`.
+    pub fn for_each_chunk(
+        &self,
+        root: Option<MapRoot>,
+        start: u64,
+        end: u64,
+        on_chunk: &mut dyn FnMut(u64, ChunkId) -> Result<()>,
+    ) -> Result<()> {
+        let Some(r) = root else { return Ok(()) };
+        self.each_chunk_node(&r.node, r.depth, 0, start, end, on_chunk)
+    }
+
+    fn each_chunk_node(
+        &self,
+        node: &ChunkId,
+        level: u8,
+        base: u64,
+        start: u64,
+        end: u64,
+        on_chunk: &mut dyn FnMut(u64, ChunkId) -> Result<()>,
+    ) -> Result<()> {
+        let entries = self.load(node)?;
+        let sp = span(level);
+        for e in entries.iter() {
+            let lo = base + e.slot as u64 * sp;
+            if lo + sp <= start || lo >= end {
+                continue;
+            }
+            if level == 1 {
+                on_chunk(lo, e.id)?;
+            } else {
+                self.each_chunk_node(&e.id, level - 1, lo, start, end, on_chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits every node and chunk reachable from `root` once, skipping subtrees whose
+    /// node is already in `seen_nodes` (shared with a map visited before).
+    pub fn walk(
+        &self,
+        root: Option<MapRoot>,
+        seen_nodes: &mut HashSet<ChunkId>,
+        on_chunk: &mut dyn FnMut(&ChunkId),
+    ) -> Result<()> {
+        let Some(r) = root else { return Ok(()) };
+        self.walk_node(&r.node, r.depth, seen_nodes, on_chunk)
+    }
+
+    fn walk_node(
+        &self,
+        node: &ChunkId,
+        level: u8,
+        seen: &mut HashSet<ChunkId>,
+        on_chunk: &mut dyn FnMut(&ChunkId),
+    ) -> Result<()> {
+        if !seen.insert(*node) {
+            return Ok(());
+        }
+        let entries = self.load(node)?;
+        for e in entries.iter() {
+            if level == 1 {
+                on_chunk(&e.id);
+            } else {
+                self.walk_node(&e.id, level - 1, seen, on_chunk)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn maps() -> (tempfile::TempDir, Arc<Meta>, BlockMaps) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let maps = BlockMaps::new(meta.clone());
+        (dir, meta, maps)
+    }
+
+    fn c(n: u64) -> ChunkId {
+        ChunkId::of(&n.to_le_bytes())
+    }
+
+    fn apply(
+        maps: &BlockMaps,
+        meta: &Meta,
+        root: Option<MapRoot>,
+        ch: &[(u64, Option<u64>)],
+    ) -> Option<MapRoot> {
+        let changes: BTreeMap<u64, Option<ChunkId>> =
+            ch.iter().map(|(i, v)| (*i, v.map(c))).collect();
+        let mut b = Batch::default();
+        let r = maps.update(root, &changes, &mut b).unwrap();
+        meta.commit(b).unwrap();
+        r
+    }
+
+    #[test]
+    fn sparse_far_blocks_and_counts() {
+        let (_d, meta, maps) = maps();
+        let far = (16u64 << 40) / 4096 - 1; // last block of a 16 TiB file at 4K
+        let r = apply(
+            &maps,
+            &meta,
+            None,
+            &[(0, Some(1)), (far, Some(2)), (300, Some(3))],
+        );
+        let r2 = r.unwrap();
+        assert_eq!(r2.blocks, 3);
+        assert_eq!(maps.lookup(r, far).unwrap(), Some(c(2)));
+        assert_eq!(maps.lookup(r, 1).unwrap(), None);
+        assert_eq!(maps.next_data(r, 1).unwrap(), Some(300));
+        assert_eq!(maps.next_data(r, 301).unwrap(), Some(far));
+        assert_eq!(maps.next_hole(r, 0).unwrap(), 1);
+        assert_eq!(maps.next_hole(r, 300).unwrap(), 301);
+        // Clearing a huge range drops subtrees without visiting blocks.
+        let mut b = Batch::default();
+        let r3 = maps.clear_range(r, 1, u64::MAX, &mut b).unwrap();
+        meta.commit(b).unwrap();
+        assert_eq!(r3.unwrap().blocks, 1);
+        assert_eq!(maps.lookup(r3, far).unwrap(), None);
+        // The old root still reads the old map: nothing was modified in place.
+        assert_eq!(maps.lookup(r, far).unwrap(), Some(c(2)));
+    }
+
+    #[test]
+    fn full_leaf_skipped_by_next_hole() {
+        let (_d, meta, maps) = maps();
+        let ch: Vec<(u64, Option<u64>)> = (0..600).map(|i| (i, Some(i))).collect();
+        let r = apply(&maps, &meta, None, &ch);
+        assert_eq!(maps.next_hole(r, 0).unwrap(), 600);
+        assert_eq!(r.unwrap().blocks, 600);
+        let r = apply(&maps, &meta, r, &[(100, None)]);
+        assert_eq!(maps.next_hole(r, 0).unwrap(), 100);
+        assert_eq!(r.unwrap().blocks, 599);
+    }
+
+    #[test]
+    fn graft_shares_subtrees() {
+        let (_d, meta, maps) = maps();
+        let ch: Vec<(u64, Option<u64>)> = (0..70000).step_by(7).map(|i| (i, Some(i))).collect();
+        let src = apply(&maps, &meta, None, &ch);
+        let dst = apply(&maps, &meta, None, &[(5, Some(99999)), (69999, Some(5))]);
+        let mut b = Batch::default();
+        let g = maps.graft(dst, src, 256, 65536, &mut b).unwrap();
+        meta.commit(b).unwrap();
+        for i in [0u64, 5, 7, 256, 259, 1000, 65534, 65535, 65536, 69999] {
+            let want = if (256..65536).contains(&i) {
+                maps.lookup(src, i).unwrap()
+            } else {
+                maps.lookup(dst, i).unwrap()
+            };
+            assert_eq!(maps.lookup(g, i).unwrap(), want, "block {i}");
+        }
+        // A whole-range graft of identical trees is the same root.
+        let mut b = Batch::default();
+        let whole = maps.graft(None, src, 0, 1 << 20, &mut b).unwrap();
+        assert_eq!(
+            whole.unwrap().node,
+            maps.grow(src, (1 << 20) - 1, &mut b).unwrap().unwrap().node
+        );
+    }
+
+    #[test]
+    fn identical_content_is_one_node() {
+        let (_d, meta, maps) = maps();
+        let a = apply(&maps, &meta, None, &[(3, Some(1)), (4, Some(2))]);
+        let b = apply(&maps, &meta, None, &[(4, Some(2)), (3, Some(1))]);
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,200 @@
+//! The content-addressed chunk store.
+//!
+//! A chunk is one non-zero logical block of some file, named by its BLAKE3 hash and stored
+//! once however many files (clones, snapshots) contain it. Bytes go to append-only pack
+//! files ([`pack`]); the index `hash -> (pack, offset, len)` lives in the metadata store.
+//!
+//! Invariants:
+//! - An index entry is inserted only after its record is written to the pack, and the
+//!   pack is synced ([`ChunkStore::sync`]) before any metadata flush that could make a
+//!   reference to it durable.
+//! - Every read is verified against the chunk's name; a mismatch is [`FsError::Corrupt`],
+//!   never wrong data.
+
+pub mod pack;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+
+use crate::error::{FsError, Result};
+use crate::ids::ChunkId;
+use crate::meta::{ChunkLoc, Meta};
+use pack::ActivePack;
+
+/// Packs are rotated once they reach this size.
+pub const PACK_TARGET: u64 = 64 << 20;
+
+/// The chunk store of one datastore.
+pub struct ChunkStore {
+    dir: PathBuf,
+    meta: Arc<Meta>,
+    readers: DashMap<u32, Arc<File>>,
+    /// Lock order: `active` before `unsynced`.
+    active: Mutex<ActivePack>,
+    /// Packs appended to since the last sync.
+    unsynced: Mutex<BTreeSet<u32>>,
+}
+
+impl ChunkStore {
+    /// Opens the packs in `dir` and starts a new pack for this session's appends.
+    pub fn open(dir: &Path, meta: Arc<Meta>) -> Result<ChunkStore> {
+        let next = pack::list_packs(dir)?.last().map(|id| id + 1).unwrap_or(0);
+        let active = ActivePack::create(dir, next)?;
+        let readers = DashMap::new();
+        readers.insert(active.id, active.file.clone());
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+            meta,
+            readers,
+            active: Mutex::new(active),
+            unsynced: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Stores `data` unless a chunk of the same content exists; returns its name.
+    pub fn put(&self, data: &[u8]) -> Result<ChunkId> {
+        let id = ChunkId::of(data);
+        self.put_hashed(id, data)?;
+        Ok(id)
+    }
+
+    /// Stores `data`, already hashed to `id`. Returns whether new bytes were written.
+    pub fn put_hashed(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        if self.meta.chunk_loc(&id)?.is_some() {
+            return Ok(false);
+        }
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked again under the lock: another writer may have stored it meanwhile.
+        if self.meta.chunk_loc(&id)?.is_some() {
+            return Ok(false);
+        }
+        if active.len >= PACK_TARGET {
+            let next = ActivePack::create(&self.dir, active.id + 1)?;
+            self.readers.insert(next.id, next.file.clone());
+            *active = next;
+        }
+        let offset = active.append(&id, data)?;
+        let loc = ChunkLoc {
+            pack: active.id,
+            offset,
+            len: data.len() as u32,
+        };
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(active.id);
+        self.meta.put_chunk_loc(&id, &loc)?;
+        Ok(true)
+    }
+
+    /// Reads and verifies chunk `id`.
+    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.meta.chunk_loc(id)?.ok_or_else(|| FsError::Corrupt {
+            chunk: *id,
+            detail: "referenced but missing from the index".into(),
+        })?;
+        self.read_loc(id, &loc)
+    }
+
+    /// Reads the bytes at `loc` and checks they hash to `id`.
+    pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+        let file = self.reader(loc.pack).map_err(|e| FsError::Corrupt {
+            chunk: *id,
+            detail: format!("pack {} unreadable: {e}", loc.pack),
+        })?;
+        let data =
+            pack::read_at(&file, loc.offset, loc.len as usize).map_err(|e| FsError::Corrupt {
+                chunk: *id,
+                detail: format!(
+                    "pack {} offset {} length {}: {e}",
+                    loc.pack, loc.offset, loc.len
+                ),
+            })?;
+        if ChunkId::of(&data) != *id {
+            return Err(FsError::Corrupt {
+                chunk: *id,
+                detail: format!(
+                    "hash mismatch in pack {} at offset {}",
+                    loc.pack, loc.offset
+                ),
+            });
+        }
+        Ok(data)
+    }
+
+    fn reader(&self, pack_id: u32) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.get(&pack_id) {
+            return Ok(f.clone());
+        }
+        let path = pack::pack_path(&self.dir, pack_id);
+        let f = Arc::new(
+            File::open(&path).map_err(|e| FsError::io(format!("opening {}", path.display()), e))?,
+        );
+        self.readers.insert(pack_id, f.clone());
+        Ok(f)
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&self) -> Result<()> {
+        let packs: Vec<u32> =
+            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        for id in &packs {
+            let file = self.reader(*id)?;
+            if let Err(e) = file.sync_data() {
+                // Keep it listed so the next sync retries.
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*id);
+                return Err(FsError::io(format!("syncing pack {id}"), e));
+            }
+        }
+        if !packs.is_empty() {
+            // New pack files must have durable directory entries too.
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// The pack directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_once_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("packs")).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone()).unwrap();
+        let a = vec![7u8; 4096];
+        let id = cs.put(&a).unwrap();
+        assert!(!cs.put_hashed(id, &a).unwrap(), "second put is a dedup hit");
+        assert_eq!(cs.get(&id).unwrap(), a);
+        cs.sync().unwrap();
+        // Flip a byte of the stored data: reads must fail, naming the chunk.
+        let loc = meta.chunk_loc(&id).unwrap().unwrap();
+        let path = pack::pack_path(cs.dir(), loc.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[loc.offset as usize + 10] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let cs2 = ChunkStore::open(&dir.path().join("packs"), meta).unwrap();
+        let err = cs2.get(&id).unwrap_err();
+        assert!(matches!(err, FsError::Corrupt { .. }), "{err}");
+        let (recs, _) = pack::scan(&path).unwrap();
+        assert_eq!(recs.len(), 1);
+    }
+}

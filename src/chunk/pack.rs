@@ -1,0 +1,146 @@
+//! Pack files: append-only files of chunk records.
+//!
+//! A record is a 40-byte header (`MAGIC`, data length u32 BE, BLAKE3 hash of the data)
+//! followed by the data. The header makes a pack self-describing, so `fsck --repair` can
+//! rebuild the chunk index by scanning packs. A pack is only ever appended to by the
+//! daemon that created it; each mount starts a new pack, so a torn tail left by a crash is
+//! never written after (it is garbage that GC compaction drops).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{FsError, Result};
+use crate::ids::ChunkId;
+
+/// Magic bytes at the start of every record.
+pub const MAGIC: &[u8; 4] = b"TFC1";
+/// Length of a record header.
+pub const HEADER_LEN: u64 = 40;
+
+/// File name of pack `id`.
+pub fn pack_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:08}.pack"))
+}
+
+/// The pack ids present in `dir`, sorted.
+pub fn list_packs(dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| FsError::io(format!("listing {}", dir.display()), e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| FsError::io(format!("listing {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(num) = name.strip_suffix(".pack") {
+            if let Ok(id) = num.parse::<u32>() {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Encodes a record header.
+pub fn header(id: &ChunkId, len: u32) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..8].copy_from_slice(&len.to_be_bytes());
+    h[8..].copy_from_slice(&id.0);
+    h
+}
+
+/// The pack being appended to.
+pub struct ActivePack {
+    pub id: u32,
+    pub file: std::sync::Arc<File>,
+    /// Bytes written so far (the next record's offset).
+    pub len: u64,
+}
+
+impl ActivePack {
+    /// Creates pack `id` in `dir`; it must not exist.
+    pub fn create(dir: &Path, id: u32) -> Result<ActivePack> {
+        let path = pack_path(dir, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| FsError::io(format!("creating pack {}", path.display()), e))?;
+        Ok(ActivePack {
+            id,
+            file: std::sync::Arc::new(file),
+            len: 0,
+        })
+    }
+
+    /// Appends a record; returns the offset of its data. On failure the pack is cut back
+    /// to its previous length, so a failed append (a full disk) leaves no torn record.
+    pub fn append(&mut self, id: &ChunkId, data: &[u8]) -> Result<u64> {
+        let mut rec = Vec::with_capacity(HEADER_LEN as usize + data.len());
+        rec.extend_from_slice(&header(id, data.len() as u32));
+        rec.extend_from_slice(data);
+        if let Err(e) = self.file.write_all_at(&rec, self.len) {
+            let _ = self.file.set_len(self.len);
+            return Err(FsError::io(
+                format!(
+                    "appending chunk {id} to pack {} at offset {}",
+                    self.id, self.len
+                ),
+                e,
+            ));
+        }
+        let offset = self.len + HEADER_LEN;
+        self.len += rec.len() as u64;
+        Ok(offset)
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` of an open pack.
+pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// One record found by [`scan`].
+pub struct Record {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Reads every well-formed record of a pack, stopping at the first torn or foreign one.
+/// Returns the records and the offset where scanning stopped.
+pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
+    let file =
+        File::open(path).map_err(|e| FsError::io(format!("opening {}", path.display()), e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| FsError::io(format!("stat {}", path.display()), e))?
+        .len();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let mut h = [0u8; HEADER_LEN as usize];
+    while pos + HEADER_LEN <= size {
+        if file.read_exact_at(&mut h, pos).is_err() || &h[..4] != MAGIC {
+            break;
+        }
+        let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        if pos + HEADER_LEN + len as u64 > size {
+            break;
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&h[8..]);
+        out.push(Record {
+            id: ChunkId(id),
+            offset: pos + HEADER_LEN,
+            len,
+        });
+        pos += HEADER_LEN + len as u64;
+    }
+    Ok((out, pos))
+}

@@ -1,0 +1,76 @@
+//! The command line: clap definitions only (parsing; `main.rs` calls the library).
+//! Kept in the library so that man pages and completions are generated from it.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// thinfs: a FUSE datastore for virtual machines with thin clones, snapshots and
+/// deduplication.
+#[derive(Debug, Parser)]
+#[command(name = "thinfs", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new, empty store in STORE (created if missing; refuses a non-empty
+    /// directory that is not a store).
+    Mkfs {
+        store: PathBuf,
+        /// Logical block size: a power of two from 4K to 1M.
+        #[arg(long, default_value = "16K", value_parser = parse_block_size)]
+        block_size: u32,
+    },
+    /// Mount STORE at MOUNTPOINT. Returns once the mount is live; the daemon keeps running
+    /// in the background until unmounted (umount, fusermount3 -u, SIGTERM).
+    Mount {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay in the foreground.
+        #[arg(short, long)]
+        foreground: bool,
+        /// Mount options, comma separated: allow_other, allow_root, ro, noatime, ...
+        #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Show logical vs stored bytes, chunks, packs and the dedup ratio of a store
+    /// (STORE directory or a mountpoint).
+    Stats {
+        target: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Thin-clone a file or a directory tree inside a mounted thinfs (metadata only).
+    Clone {
+        src: PathBuf,
+        dst: PathBuf,
+        /// Replace an existing destination file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show logical, stored, shared and exclusive bytes of paths inside a mounted thinfs.
+    Du {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n = crate::config::parse_size(s)?;
+    let n = u32::try_from(n).map_err(|_| format!("block size {s} is too large"))?;
+    crate::config::check_block_size(n).map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// Subcommand names, for recognizing the `thinfs STORE MNT -o ...` form mount helpers use.
+pub const SUBCOMMANDS: &[&str] = &["mkfs", "mount", "stats", "clone", "du", "help"];

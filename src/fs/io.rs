@@ -1,0 +1,625 @@
+//! File data: read, write, the write-back buffer, flush/fsync, truncate, fallocate,
+//! SEEK_DATA/SEEK_HOLE and copy_file_range.
+//!
+//! A write lands in the inode's buffer of dirty blocks (whole blocks: a partial write
+//! merges with the block's current content). A flush hashes the dirty blocks, stores the
+//! new chunks, rewrites the touched paths of the block map and commits the inode record
+//! with the new root in one batch. fsync adds the durability barrier: packs are synced
+//! before the metadata that references them is flushed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{
+    Datastore, Dirty, InodeState, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE, TOTAL_DIRTY_LIMIT,
+};
+use crate::error::{FsError, Result};
+use crate::ids::{ChunkId, InodeNo};
+use crate::meta::{Batch, FileKind, Timestamp};
+
+/// Which way `lseek` searches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whence {
+    Data,
+    Hole,
+}
+
+/// fallocate mode bits this filesystem accepts.
+const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+fn is_zero(data: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { data.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+impl Datastore {
+    /// Registers an open handle of `ino` (keeps its state cached and an unlinked inode alive).
+    pub fn open_file(&self, ino: InodeNo) -> Result<Attr> {
+        let mut g = self.lock(ino)?;
+        g.open += 1;
+        Ok(self.attr_of(&g))
+    }
+
+    /// Drops an open handle; the last close of an unlinked inode deletes it.
+    pub fn release(&self, ino: InodeNo) -> Result<()> {
+        let _ns = self.ns.lock();
+        {
+            let mut g = self.lock(ino)?;
+            g.open = g.open.saturating_sub(1);
+            if g.open == 0 {
+                if g.inode.nlink == 0 {
+                    self.drop_dirty(&mut g);
+                    let mut b = Batch::default();
+                    self.meta.delete_inode(&mut b, ino)?;
+                    self.meta.remove_orphan(&mut b, ino);
+                    self.meta.commit(b)?;
+                    g.attr_dirty = false;
+                } else {
+                    self.flush_state(&mut g)?;
+                }
+            }
+        }
+        self.evict(&[ino]);
+        Ok(())
+    }
+
+    /// Flushes `ino`'s write-back buffer (close(2) does this; no durability barrier).
+    pub fn flush(&self, ino: InodeNo) -> Result<()> {
+        let mut g = self.lock(ino)?;
+        self.flush_state(&mut g)
+    }
+
+    /// Makes everything written to `ino` durable.
+    pub fn fsync(&self, ino: InodeNo) -> Result<()> {
+        {
+            let mut g = self.lock(ino)?;
+            self.flush_state(&mut g)?;
+        }
+        self.chunks.sync()?;
+        self.meta.flush()
+    }
+
+    pub(super) fn drop_dirty(&self, st: &mut InodeState) {
+        self.dirty_total
+            .fetch_sub(st.dirty_bytes as i64, Ordering::Relaxed);
+        st.dirty.clear();
+        st.dirty_bytes = 0;
+    }
+
+    /// Commits the write-back buffer and attributes of a locked inode.
+    pub(super) fn flush_state(&self, st: &mut InodeState) -> Result<()> {
+        if st.is_clean() {
+            return Ok(());
+        }
+        if st.inode.nlink == 0 && st.open == 0 {
+            self.drop_dirty(st);
+            st.attr_dirty = false;
+            return Ok(());
+        }
+        let changes = self.store_blocks(&st.dirty)?;
+        let mut batch = Batch::default();
+        let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
+        let old_root = st.inode.map;
+        st.inode.map = root;
+        if let Err(e) = self
+            .meta
+            .put_inode(&mut batch, &st.inode)
+            .and_then(|_| self.meta.commit(batch))
+        {
+            st.inode.map = old_root;
+            return Err(e);
+        }
+        st.attr_dirty = false;
+        self.drop_dirty(st);
+        Ok(())
+    }
+
+    /// Hashes and stores dirty blocks (in parallel when there are many); returns the map
+    /// changes.
+    fn store_blocks(&self, dirty: &BTreeMap<u64, Dirty>) -> Result<BTreeMap<u64, Option<ChunkId>>> {
+        let items: Vec<(u64, Option<Arc<[u8]>>)> =
+            dirty.iter().map(|(k, d)| (*k, d.data.clone())).collect();
+        let store = |part: &[(u64, Option<Arc<[u8]>>)]| -> Result<Vec<(u64, Option<ChunkId>)>> {
+            part.iter()
+                .map(|(idx, data)| match data {
+                    None => Ok((*idx, None)),
+                    Some(d) => Ok((*idx, Some(self.chunks.put(d)?))),
+                })
+                .collect()
+        };
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4);
+        let bytes: usize = items
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().map(|d| d.len()))
+            .sum();
+        if threads < 2 || bytes < (1 << 20) {
+            return Ok(store(&items)?.into_iter().collect());
+        }
+        let per = items.len().div_ceil(threads);
+        let results: Vec<Result<Vec<(u64, Option<ChunkId>)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .chunks(per)
+                .map(|part| s.spawn(move || store(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(FsError::Meta("hashing thread panicked".into())))
+                })
+                .collect()
+        });
+        let mut out = BTreeMap::new();
+        for r in results {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// The current content of block `idx` (dirty buffer first), or `None` for a hole.
+    fn block(&self, st: &InodeState, idx: u64) -> Result<Option<Arc<[u8]>>> {
+        if let Some(d) = st.dirty.get(&idx) {
+            return Ok(d.data.clone());
+        }
+        match self.maps.lookup(st.inode.map, idx)? {
+            None => Ok(None),
+            Some(id) => Ok(Some(
+                self.chunks
+                    .get(&id)
+                    .map_err(|e| self.name_damage(st.inode.ino, idx, e))?
+                    .into(),
+            )),
+        }
+    }
+
+    /// Adds the file and offset to a corruption error and logs it.
+    fn name_damage(&self, ino: InodeNo, idx: u64, e: FsError) -> FsError {
+        if let FsError::Corrupt { chunk, detail } = &e {
+            tracing::error!(
+                "inode {ino} offset {}: chunk {chunk} is damaged ({detail}); returning EIO",
+                idx * self.block_size()
+            );
+        }
+        e
+    }
+
+    /// Puts a block into the write-back buffer.
+    fn set_block(&self, st: &mut InodeState, idx: u64, data: Option<Arc<[u8]>>) -> Result<()> {
+        let data = data.filter(|d| !is_zero(d));
+        let len = data.as_ref().map(|d| d.len()).unwrap_or(0);
+        let was_data = match st.dirty.get(&idx) {
+            Some(d) => {
+                let old = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+                st.dirty_bytes -= old;
+                self.dirty_total.fetch_sub(old as i64, Ordering::Relaxed);
+                d.was_data
+            }
+            None => self.maps.lookup(st.inode.map, idx)?.is_some(),
+        };
+        st.dirty_bytes += len;
+        self.dirty_total.fetch_add(len as i64, Ordering::Relaxed);
+        st.dirty.insert(idx, Dirty { data, was_data });
+        Ok(())
+    }
+
+    /// Overwrites bytes `[off, off + buf.len())` of block `idx` (`None` buf: zeros).
+    fn patch_block(
+        &self,
+        st: &mut InodeState,
+        idx: u64,
+        off: usize,
+        buf: Option<&[u8]>,
+        len: usize,
+    ) -> Result<()> {
+        let bs = self.block_size() as usize;
+        if off == 0 && len == bs {
+            let data = buf.map(|b| Arc::<[u8]>::from(b));
+            return self.set_block(st, idx, data);
+        }
+        let old = self.block(st, idx)?;
+        if old.is_none() && buf.is_none() {
+            return Ok(()); // zeroing a hole
+        }
+        let mut block = match old {
+            Some(b) => b.to_vec(),
+            None => vec![0u8; bs],
+        };
+        match buf {
+            Some(b) => block[off..off + len].copy_from_slice(b),
+            None => block[off..off + len].fill(0),
+        }
+        self.set_block(st, idx, Some(block.into()))
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub fn read(&self, ino: InodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = self.state(ino)?;
+        let out = {
+            let g = st.read();
+            match g.inode.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("not a regular file".into())),
+            }
+            let end = offset.saturating_add(size as u64).min(g.inode.size);
+            if offset >= end {
+                return Ok(Vec::new());
+            }
+            self.read_range(&g, offset, end)?
+        };
+        // relatime: bump atime once after each modification, or daily.
+        let now = Timestamp::now();
+        let mut g = st.write();
+        let i = &g.inode;
+        if i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs > 86400 {
+            g.inode.atime = now;
+            g.attr_dirty = true;
+        }
+        Ok(out)
+    }
+
+    fn read_range(&self, st: &InodeState, offset: u64, end: u64) -> Result<Vec<u8>> {
+        let bs = self.block_size();
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mut chunks: BTreeMap<u64, ChunkId> = BTreeMap::new();
+        self.maps
+            .for_each_chunk(st.inode.map, first, last + 1, &mut |idx, id| {
+                chunks.insert(idx, id);
+                Ok(())
+            })?;
+        let mut out = vec![0u8; (end - offset) as usize];
+        for idx in first..=last {
+            let b_start = idx * bs;
+            let from = offset.max(b_start);
+            let to = end.min(b_start + bs);
+            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            let src_off = (from - b_start) as usize;
+            if let Some(d) = st.dirty.get(&idx) {
+                if let Some(data) = &d.data {
+                    dst.copy_from_slice(&data[src_off..src_off + dst.len()]);
+                }
+            } else if let Some(id) = chunks.get(&idx) {
+                let data = self
+                    .chunks
+                    .get(id)
+                    .map_err(|e| self.name_damage(st.inode.ino, idx, e))?;
+                dst.copy_from_slice(&data[src_off..src_off + dst.len()]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    pub fn write(&self, ino: InodeNo, offset: u64, data: &[u8]) -> Result<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let mut g = self.lock(ino)?;
+        match g.inode.kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("not a regular file".into())),
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let bs = self.block_size();
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / bs;
+            let in_off = (pos % bs) as usize;
+            let n = ((bs - in_off as u64).min(end - pos)) as usize;
+            let src = &data[(pos - offset) as usize..(pos - offset) as usize + n];
+            self.patch_block(&mut g, idx, in_off, Some(src), n)?;
+            pos += n as u64;
+        }
+        let now = Timestamp::now();
+        g.inode.size = g.inode.size.max(end);
+        g.inode.mtime = now;
+        g.inode.ctime = now;
+        g.attr_dirty = true;
+        if g.dirty_bytes > INODE_DIRTY_LIMIT
+            || self.dirty_total.load(Ordering::Relaxed) > TOTAL_DIRTY_LIMIT
+        {
+            self.flush_state(&mut g)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Sets the size of a locked regular file: growing makes a hole, shrinking drops the
+    /// blocks past the end and zeroes the tail of the last one.
+    pub(super) fn set_size(&self, st: &mut StateGuard, size: u64, batch: &mut Batch) -> Result<()> {
+        if st.inode.kind != FileKind::File {
+            return Err(if st.inode.kind == FileKind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::Invalid("not a regular file".into())
+            });
+        }
+        if size > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let bs = self.block_size();
+        if size < st.inode.size {
+            let keep = size.div_ceil(bs);
+            if size % bs != 0 {
+                let in_off = (size % bs) as usize;
+                self.patch_block(st, size / bs, in_off, None, bs as usize - in_off)?;
+            }
+            let gone: Vec<u64> = st.dirty.range(keep..).map(|(k, _)| *k).collect();
+            for idx in gone {
+                if let Some(d) = st.dirty.remove(&idx) {
+                    let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+                    st.dirty_bytes -= len;
+                    self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
+                }
+            }
+            st.inode.map = self.maps.clear_range(st.inode.map, keep, u64::MAX, batch)?;
+        }
+        st.inode.size = size;
+        let now = Timestamp::now();
+        st.inode.mtime = now;
+        st.inode.ctime = now;
+        st.attr_dirty = true;
+        Ok(())
+    }
+
+    /// Zeroes bytes `[offset, end)` of a locked file, dropping whole blocks to holes.
+    fn zero_range(
+        &self,
+        st: &mut StateGuard,
+        offset: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let end = end.min(st.inode.size.max(offset));
+        if offset >= end {
+            return Ok(());
+        }
+        let bs = self.block_size();
+        let first_full = offset.div_ceil(bs);
+        let last_full = end / bs; // exclusive
+        if first_full > last_full {
+            // Inside one block.
+            return self.patch_block(
+                st,
+                offset / bs,
+                (offset % bs) as usize,
+                None,
+                (end - offset) as usize,
+            );
+        }
+        if offset % bs != 0 {
+            let in_off = (offset % bs) as usize;
+            self.patch_block(st, offset / bs, in_off, None, bs as usize - in_off)?;
+        }
+        if end % bs != 0 {
+            self.patch_block(st, end / bs, 0, None, (end % bs) as usize)?;
+        }
+        if first_full < last_full {
+            let gone: Vec<u64> = st
+                .dirty
+                .range(first_full..last_full)
+                .map(|(k, _)| *k)
+                .collect();
+            for idx in gone {
+                if let Some(d) = st.dirty.remove(&idx) {
+                    let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+                    st.dirty_bytes -= len;
+                    self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
+                }
+            }
+            st.inode.map = self
+                .maps
+                .clear_range(st.inode.map, first_full, last_full, batch)?;
+        }
+        Ok(())
+    }
+
+    /// fallocate(2): modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
+    /// Space is never reserved: thinfs is thin, and zeros are holes.
+    pub fn fallocate(&self, ino: InodeNo, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
+        if len == 0 {
+            return Err(FsError::Invalid("fallocate of length 0".into()));
+        }
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let known = FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(FsError::NotSupported(format!("fallocate mode {mode:#x}")));
+        }
+        let keep_size = mode & FALLOC_KEEP_SIZE != 0;
+        let mut g = self.lock(ino)?;
+        if g.inode.kind != FileKind::File {
+            return Err(if g.inode.kind == FileKind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::Invalid("not a regular file".into())
+            });
+        }
+        let mut batch = Batch::default();
+        if mode & FALLOC_PUNCH_HOLE != 0 {
+            if !keep_size || mode & FALLOC_ZERO_RANGE != 0 {
+                return Err(FsError::Invalid("PUNCH_HOLE needs KEEP_SIZE".into()));
+            }
+            self.zero_range(&mut g, offset, end, &mut batch)?;
+        } else if mode & FALLOC_ZERO_RANGE != 0 {
+            self.zero_range(&mut g, offset, end, &mut batch)?;
+        }
+        if !keep_size && end > g.inode.size {
+            g.inode.size = end;
+        }
+        let now = Timestamp::now();
+        if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 || !keep_size {
+            g.inode.mtime = now;
+        }
+        g.inode.ctime = now;
+        self.put_state(&mut batch, &mut g)?;
+        self.meta.commit(batch)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE, exact to the block.
+    pub fn lseek(&self, ino: InodeNo, offset: u64, whence: Whence) -> Result<u64> {
+        let mut g = self.lock(ino)?;
+        if g.inode.kind != FileKind::File {
+            return Err(FsError::Invalid("not a regular file".into()));
+        }
+        self.flush_state(&mut g)?;
+        let size = g.inode.size;
+        if offset >= size {
+            return Err(FsError::NoData);
+        }
+        let bs = self.block_size();
+        match whence {
+            Whence::Data => match self.maps.next_data(g.inode.map, offset / bs)? {
+                Some(b) if (b * bs).max(offset) < size => Ok((b * bs).max(offset)),
+                _ => Err(FsError::NoData),
+            },
+            Whence::Hole => {
+                let h = self.maps.next_hole(g.inode.map, offset / bs)?;
+                Ok(h.saturating_mul(bs).max(offset).min(size))
+            }
+        }
+    }
+
+    /// copy_file_range: copies `len` bytes; whole blocks at equal in-block offsets are
+    /// shared (metadata only), edges are copied. Returns the bytes copied.
+    pub fn copy_range(
+        &self,
+        src: InodeNo,
+        src_off: u64,
+        dst: InodeNo,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let bs = self.block_size();
+        // A consistent view of the source: its flushed root and size.
+        let (src_root, src_size) = {
+            let mut g = self.lock(src)?;
+            if g.inode.kind != FileKind::File {
+                return Err(FsError::Invalid("copy source is not a regular file".into()));
+            }
+            self.flush_state(&mut g)?;
+            (g.inode.map, g.inode.size)
+        };
+        let len = len.min(src_size.saturating_sub(src_off));
+        if len == 0 {
+            return Ok(0);
+        }
+        let dst_end = dst_off.checked_add(len).ok_or(FsError::TooBig)?;
+        if dst_end > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let overlap = src == dst && src_off < dst_end && dst_off < src_off + len;
+        if src_off % bs != dst_off % bs || overlap {
+            return self.copy_bytes(src, src_off, dst, dst_off, len);
+        }
+        // Edges by bytes, the middle by blocks.
+        let first = src_off.div_ceil(bs);
+        let last = (src_off + len) / bs;
+        if first >= last {
+            return self.copy_bytes(src, src_off, dst, dst_off, len);
+        }
+        let head = first * bs - src_off;
+        if head > 0 {
+            self.copy_bytes(src, src_off, dst, dst_off, head)?;
+        }
+        let delta_blocks = (dst_off / bs) as i64 - (src_off / bs) as i64;
+        {
+            let mut g = self.lock(dst)?;
+            if g.inode.kind != FileKind::File {
+                return Err(FsError::Invalid("copy target is not a regular file".into()));
+            }
+            self.flush_state(&mut g)?;
+            let mut batch = Batch::default();
+            let (d_first, d_last) = (
+                (first as i64 + delta_blocks) as u64,
+                (last as i64 + delta_blocks) as u64,
+            );
+            g.inode.map = if delta_blocks == 0 {
+                self.maps
+                    .graft(g.inode.map, src_root, first, last, &mut batch)?
+            } else {
+                let mut changes: BTreeMap<u64, Option<ChunkId>> =
+                    (d_first..d_last).map(|i| (i, None)).collect();
+                self.maps
+                    .for_each_chunk(src_root, first, last, &mut |idx, id| {
+                        changes.insert((idx as i64 + delta_blocks) as u64, Some(id));
+                        Ok(())
+                    })?;
+                self.maps.update(g.inode.map, &changes, &mut batch)?
+            };
+            let now = Timestamp::now();
+            g.inode.size = g.inode.size.max(d_last * bs);
+            g.inode.mtime = now;
+            g.inode.ctime = now;
+            self.put_state(&mut batch, &mut g)?;
+            self.meta.commit(batch)?;
+        }
+        let tail_src = last * bs;
+        let tail = src_off + len - tail_src;
+        if tail > 0 {
+            self.copy_bytes(
+                src,
+                tail_src,
+                dst,
+                (tail_src as i64 + delta_blocks * bs as i64) as u64,
+                tail,
+            )?;
+        }
+        Ok(len)
+    }
+
+    fn copy_bytes(
+        &self,
+        src: InodeNo,
+        mut src_off: u64,
+        dst: InodeNo,
+        mut dst_off: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(4 << 20) as u32;
+            let data = self.read(src, src_off, n)?;
+            if data.is_empty() {
+                break;
+            }
+            self.write(dst, dst_off, &data)?;
+            src_off += data.len() as u64;
+            dst_off += data.len() as u64;
+            left -= data.len() as u64;
+        }
+        Ok(len - left)
+    }
+}
+
+use super::Attr;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4097]));
+        let mut v = vec![0u8; 4097];
+        v[4096] = 1;
+        assert!(!is_zero(&v));
+        v[4096] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}

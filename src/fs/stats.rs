@@ -1,0 +1,137 @@
+//! Space accounting: store-wide statistics and per-path usage (`thinfs du`).
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::Datastore;
+use crate::error::Result;
+use crate::ids::{ChunkId, InodeNo};
+use crate::meta::{FileKind, View};
+
+/// Store-wide figures (`thinfs stats`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Stats {
+    pub block_size: u64,
+    pub files: u64,
+    /// Sum of the sizes of live regular files.
+    pub logical_bytes: u64,
+    /// Non-hole blocks of live files times the block size.
+    pub allocated_bytes: u64,
+    /// Bytes of unique chunks in the index.
+    pub stored_bytes: u64,
+    /// Bytes of pack files on disk (stored bytes plus headers and garbage).
+    pub pack_bytes: u64,
+    /// Bytes of the metadata store on disk.
+    pub meta_bytes: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    /// allocated / stored.
+    pub dedup_ratio: f64,
+}
+
+/// Usage of a set of paths (`thinfs du`).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub files: u64,
+    pub logical_bytes: u64,
+    /// Non-hole blocks times the block size.
+    pub stored_bytes: u64,
+    /// Stored bytes whose chunks other files or snapshots also use.
+    pub shared_bytes: u64,
+    /// Bytes that deleting the paths would free.
+    pub exclusive_bytes: u64,
+}
+
+impl Datastore {
+    /// Store-wide statistics. Scans the inode table and the chunk index.
+    pub fn stats(&self) -> Result<Stats> {
+        self.sync_all()?;
+        let bs = self.block_size();
+        let (mut files, mut logical, mut allocated) = (0, 0, 0);
+        for inode in self.meta.live_inodes() {
+            let inode = inode?;
+            if inode.kind == FileKind::File {
+                files += 1;
+                logical += inode.size;
+                allocated += inode.data_blocks() * bs;
+            }
+        }
+        let (mut chunks, mut stored) = (0u64, 0u64);
+        for entry in self.meta.chunk_locs() {
+            let (_, loc) = entry?;
+            chunks += 1;
+            stored += loc.len as u64;
+        }
+        let packs = crate::chunk::pack::list_packs(self.chunks.dir())?.len() as u64;
+        Ok(Stats {
+            block_size: bs,
+            files,
+            logical_bytes: logical,
+            allocated_bytes: allocated,
+            stored_bytes: stored,
+            pack_bytes: super::dir_bytes(self.chunks.dir()),
+            meta_bytes: self.meta.size_on_disk(),
+            chunks,
+            packs,
+            dedup_ratio: if stored == 0 {
+                1.0
+            } else {
+                allocated as f64 / stored as f64
+            },
+        })
+    }
+
+    /// Usage of the trees rooted at `roots`: what they hold, share and alone keep alive.
+    pub fn du(&self, roots: &[InodeNo]) -> Result<Usage> {
+        self.sync_all()?;
+        let bs = self.block_size();
+        // The inodes of the trees.
+        let mut inside: HashSet<InodeNo> = HashSet::new();
+        let mut stack: Vec<InodeNo> = roots.to_vec();
+        while let Some(ino) = stack.pop() {
+            if !inside.insert(ino) {
+                continue;
+            }
+            if self.inode(ino)?.kind == FileKind::Dir {
+                for (_, e) in self.meta.dir_entries(ino, View::Live, None, usize::MAX)? {
+                    stack.push(e.ino);
+                }
+            }
+        }
+        let mut usage = Usage::default();
+        let mut mine: HashSet<ChunkId> = HashSet::new();
+        let mut seen = HashSet::new();
+        for ino in &inside {
+            let inode = self.inode(*ino)?;
+            if inode.kind != FileKind::File {
+                continue;
+            }
+            usage.files += 1;
+            usage.logical_bytes += inode.size;
+            usage.stored_bytes += inode.data_blocks() * bs;
+            self.maps.walk(inode.map, &mut seen, &mut |c| {
+                mine.insert(*c);
+            })?;
+        }
+        // Chunks anyone else (another file, a snapshot) reaches are shared.
+        let mut shared: HashSet<ChunkId> = HashSet::new();
+        let mut seen_other = HashSet::new();
+        for inode in self.meta.all_inode_versions() {
+            let inode = inode?;
+            if inside.contains(&inode.ino)
+                && self.meta.inode(inode.ino, View::Live)?.as_ref() == Some(&inode)
+            {
+                continue;
+            }
+            self.maps.walk(inode.map, &mut seen_other, &mut |c| {
+                if mine.contains(c) {
+                    shared.insert(*c);
+                }
+            })?;
+        }
+        usage.exclusive_bytes = (mine.len() - shared.len()) as u64 * bs;
+        usage.shared_bytes = usage.stored_bytes.saturating_sub(usage.exclusive_bytes);
+        Ok(usage)
+    }
+}

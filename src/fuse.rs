@@ -1,0 +1,665 @@
+//! The FUSE adapter: translates kernel requests into [`Datastore`] calls and errors into
+//! errno. No filesystem logic lives here.
+//!
+//! Choices made at INIT: FUSE_EXPORT_SUPPORT (NFS servers may look up "." and ".." of any
+//! node id we ever handed out; ids are inode numbers, never reused), READDIRPLUS, 1 MiB
+//! writes. POSIX/OFD/flock locks are left to the kernel on purpose: QEMU's image locking
+//! works with kernel-local locks, and forwarding them broke QEMU on other FUSE filesystems.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow,
+};
+
+use crate::error::FsError;
+use crate::fs::namespace::Creator;
+use crate::fs::{Attr, Datastore, SetAttr, Whence};
+use crate::ids::InodeNo;
+use crate::meta::{FileKind, Timestamp};
+
+/// How long the kernel may cache attributes and names.
+const TTL: Duration = Duration::from_secs(1);
+/// Generation of every node id: ids are never reused, so it never changes.
+const GENERATION: Generation = Generation(0);
+
+/// The FUSE filesystem over one datastore.
+pub struct ThinFuse {
+    ds: Arc<Datastore>,
+    /// Directory listings taken at opendir, by handle.
+    listings: DashMap<u64, Arc<Vec<(Vec<u8>, InodeNo, FileKind)>>>,
+    next_fh: AtomicU64,
+}
+
+impl ThinFuse {
+    pub fn new(ds: Arc<Datastore>) -> Self {
+        ThinFuse {
+            ds,
+            listings: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn listing(
+        &self,
+        ino: InodeNo,
+        fh: u64,
+    ) -> Result<Arc<Vec<(Vec<u8>, InodeNo, FileKind)>>, FsError> {
+        if let Some(l) = self.listings.get(&fh) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(self.take_listing(ino)?);
+        self.listings.insert(fh, l.clone());
+        Ok(l)
+    }
+
+    fn take_listing(&self, ino: InodeNo) -> Result<Vec<(Vec<u8>, InodeNo, FileKind)>, FsError> {
+        let entries = self.ds.readdir(ino)?;
+        let parent = self.ds.parent_of(ino)?;
+        let mut out = Vec::with_capacity(entries.len() + 2);
+        out.push((b".".to_vec(), ino, FileKind::Dir));
+        out.push((b"..".to_vec(), parent, FileKind::Dir));
+        out.extend(entries.into_iter().map(|(n, e)| (n, e.ino, e.kind)));
+        Ok(out)
+    }
+}
+
+fn errno(op: &str, e: FsError) -> fuser::Errno {
+    if e.is_expected() {
+        tracing::debug!("{op}: {e}");
+    } else {
+        tracing::error!("{op}: {e}");
+    }
+    fuser::Errno::from_i32(e.errno())
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime.to_system(),
+        mtime: a.mtime.to_system(),
+        ctime: a.ctime.to_system(),
+        crtime: a.crtime.to_system(),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn time_of(t: TimeOrNow) -> Timestamp {
+    match t {
+        TimeOrNow::SpecificTime(t) => Timestamp::from_system(t),
+        TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+fn ino(i: INodeNo) -> InodeNo {
+    InodeNo(i.0)
+}
+
+fn who(req: &Request) -> Creator {
+    Creator {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+impl Filesystem for ThinFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::warn!("kernel lacks FUSE capability {missing:?}");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.ds.sync_all() {
+            tracing::error!("flush at unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.ds.lookup(ino(parent), name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
+            Err(e) => reply.error(errno("lookup", e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ds.getattr(ino(i)) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(errno("getattr", e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_of),
+            mtime: mtime.map(time_of),
+            ctime: ctime.map(Timestamp::from_system),
+        };
+        match self.ds.setattr(ino(i), &set) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(errno("setattr", e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        match self.ds.readlink(ino(i)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno("readlink", e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = FileKind::from_mode(mode) else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        match self.ds.mknod(
+            ino(parent),
+            name.as_bytes(),
+            kind,
+            mode & 0o7777,
+            rdev,
+            who(req),
+        ) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
+            Err(e) => reply.error(errno("mknod", e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self
+            .ds
+            .mkdir(ino(parent), name.as_bytes(), mode & 0o7777, who(req))
+        {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
+            Err(e) => reply.error(errno("mkdir", e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.ds.unlink(ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("unlink", e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.ds.rmdir(ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rmdir", e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        match self.ds.symlink(
+            ino(parent),
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            who(req),
+        ) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
+            Err(e) => reply.error(errno("symlink", e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.rename(
+            ino(parent),
+            name.as_bytes(),
+            ino(newparent),
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rename", e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.ds.link(ino(i), ino(newparent), newname.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
+            Err(e) => reply.error(errno("link", e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, i: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
+        match self.ds.open_file(ino(i)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno("open", e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ds.read(ino(i), offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno("read", e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.ds.write(ino(i), offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("write", e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.flush(ino(i)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("flush", e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.release(ino(i)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("release", e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.fsync(ino(i)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsync", e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, i: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
+        match self.take_listing(ino(i)) {
+            Ok(l) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.listings.insert(fh, Arc::new(l));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno("opendir", e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let listing = match self.listing(ino(i), fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno("readdir", e)),
+        };
+        for (idx, (name, child, kind)) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(child.0),
+                idx as u64 + 1,
+                file_type(*kind),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let listing = match self.listing(ino(i), fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno("readdirplus", e)),
+        };
+        for (idx, (name, child, _)) in listing.iter().enumerate().skip(offset as usize) {
+            let attr = match self.ds.getattr(*child) {
+                Ok(a) => a,
+                Err(FsError::NotFound) => continue, // removed since opendir
+                Err(e) => return reply.error(errno("readdirplus", e)),
+            };
+            if reply.add(
+                INodeNo(child.0),
+                idx as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &fuse_attr(&attr),
+                GENERATION,
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _flags: fuser::OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.listings.remove(&fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.sync_metadata() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsyncdir", e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
+        match self.ds.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks,
+                s.blocks_free,
+                s.blocks_avail,
+                s.files,
+                s.files_free,
+                s.block_size,
+                crate::fs::NAME_MAX as u32,
+                s.block_size,
+            ),
+            Err(e) => reply.error(errno("statfs", e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.setxattr(ino(i), name.as_bytes(), value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setxattr", e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.ds.getxattr(ino(i), name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno("getxattr", e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.ds.listxattr(ino(i)) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if buf.len() > size as usize {
+                    reply.error(fuser::Errno::ERANGE)
+                } else {
+                    reply.data(&buf)
+                }
+            }
+            Err(e) => reply.error(errno("listxattr", e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, i: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.ds.removexattr(ino(i), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("removexattr", e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _i: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself.
+        reply.ok()
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let made = self
+            .ds
+            .create(ino(parent), name.as_bytes(), mode & 0o7777, who(req))
+            .and_then(|a| self.ds.open_file(a.ino));
+        match made {
+            Ok(a) => reply.created(
+                &TTL,
+                &fuse_attr(&a),
+                GENERATION,
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno("create", e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.ds.fallocate(ino(i), offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fallocate", e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let whence = match whence {
+            libc::SEEK_DATA => Whence::Data,
+            libc::SEEK_HOLE => Whence::Hole,
+            _ => return reply.error(fuser::Errno::EINVAL),
+        };
+        if offset < 0 {
+            return reply.error(fuser::Errno::ENXIO);
+        }
+        match self.ds.lseek(ino(i), offset as u64, whence) {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(errno("lseek", e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        match self
+            .ds
+            .copy_range(ino(ino_in), offset_in, ino(ino_out), offset_out, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno("copy_file_range", e)),
+        }
+    }
+}

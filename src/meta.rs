@@ -1,0 +1,488 @@
+//! The metadata store: the only module that talks to sled.
+//!
+//! Everything lives in one sled tree (keys in [`keys`]) so that a set of changes commits
+//! atomically through one [`Batch`]. Durability is promised only by [`Meta::flush`]; the
+//! callers order it after the pack files they reference are synced, so an index entry or
+//! block map never becomes durable before the bytes it points at.
+//!
+//! Versioned records (inodes, directory entries) implement snapshots: a write in the
+//! current epoch `E` adds or replaces the version at `E`; an older version stays only
+//! while some snapshot can see it (a snapshot at epoch `S` sees the newest version with
+//! epoch <= `S`). Without snapshots a record therefore has exactly one version.
+
+pub mod keys;
+pub mod records;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+pub use records::{ChunkLoc, DirEntry, FileKind, Inode, MapRoot, SnapshotRecord, Timestamp};
+
+use crate::error::{FsError, Result};
+use crate::ids::{ChunkId, Epoch, InodeNo};
+
+/// Value byte of a deleted version (a tombstone hides older versions from newer readers).
+const TOMBSTONE: u8 = 0;
+
+/// Which version of the tree a read looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The live, writable tree.
+    Live,
+    /// The tree frozen at a snapshot's epoch.
+    At(Epoch),
+}
+
+/// The metadata store of one datastore.
+pub struct Meta {
+    db: sled::Db,
+    /// The epoch live writes go to.
+    epoch: AtomicU64,
+    /// Epochs frozen by existing snapshots.
+    snapshots: RwLock<BTreeSet<u64>>,
+}
+
+/// A set of changes committed atomically by [`Meta::commit`].
+#[derive(Default)]
+pub struct Batch {
+    inner: sled::Batch,
+    empty: bool,
+}
+
+impl Batch {
+    fn insert(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.inner.insert(k, v);
+        self.empty = false;
+    }
+    fn remove(&mut self, k: Vec<u8>) {
+        self.inner.remove(k);
+        self.empty = false;
+    }
+}
+
+impl Meta {
+    /// Opens (or creates) the sled database in `dir`.
+    pub fn open(dir: &Path) -> Result<Meta> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 << 20)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) => {
+                    FsError::io(format!("opening metadata in {}", dir.display()), io)
+                }
+                other => FsError::Meta(format!("opening metadata in {}: {other}", dir.display())),
+            })?;
+        let meta = Meta {
+            db,
+            epoch: AtomicU64::new(1),
+            snapshots: RwLock::new(BTreeSet::new()),
+        };
+        let epoch = meta.counter("epoch")?.max(1);
+        meta.epoch.store(epoch, Ordering::SeqCst);
+        let mut snaps = BTreeSet::new();
+        for rec in meta.snapshots()? {
+            snaps.insert(rec.epoch);
+        }
+        *meta.snapshots.write().unwrap_or_else(|p| p.into_inner()) = snaps;
+        Ok(meta)
+    }
+
+    /// Makes everything committed so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the metadata takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Commits a batch atomically.
+    pub fn commit(&self, batch: Batch) -> Result<()> {
+        if !batch.empty {
+            self.db.apply_batch(batch.inner)?;
+        }
+        Ok(())
+    }
+
+    /// A new, never used inode number.
+    pub fn new_ino(&self) -> Result<InodeNo> {
+        // sled's ids are unique across restarts (it skips ahead after a crash).
+        Ok(InodeNo(self.db.generate_id()? + 2))
+    }
+
+    /// The epoch live writes go to.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::SeqCst))
+    }
+
+    fn counter(&self, name: &str) -> Result<u64> {
+        Ok(match self.db.get(keys::counter(name))? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => 0,
+        })
+    }
+
+    // ---- versioned records ----
+
+    /// The version of the record at `prefix` that `view` sees (`None`: absent or deleted).
+    fn get_versioned(&self, prefix: &[u8], view: View) -> Result<Option<sled::IVec>> {
+        let start = match view {
+            View::Live => prefix.to_vec(),
+            View::At(e) => keys::versioned(prefix, e),
+        };
+        for item in self.db.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || k.len() != prefix.len() + keys::EPOCH_LEN {
+                return Ok(None);
+            }
+            return Ok(if v.first() == Some(&TOMBSTONE) {
+                None
+            } else {
+                Some(v)
+            });
+        }
+        Ok(None)
+    }
+
+    /// Adds to `batch` the write of `value` (or the deletion, for `None`) of the record at
+    /// `prefix` in the current epoch, dropping the previous version unless a snapshot
+    /// still sees it.
+    fn put_versioned(
+        &self,
+        batch: &mut Batch,
+        prefix: &[u8],
+        value: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let now = self.epoch();
+        let snaps = self.snapshots.read().unwrap_or_else(|p| p.into_inner());
+        let mut older_kept = false;
+        let mut seen_older = false;
+        for item in self.db.scan_prefix(prefix) {
+            let (k, _) = item?;
+            if k.len() != prefix.len() + keys::EPOCH_LEN {
+                continue;
+            }
+            let e = keys::epoch_of(&k);
+            if e >= now {
+                batch.remove(k.to_vec());
+                continue;
+            }
+            if !seen_older {
+                seen_older = true;
+                // The newest older version is seen by snapshots in [e, now).
+                if snaps.range(e.0..now.0).next().is_some() {
+                    older_kept = true;
+                } else {
+                    batch.remove(k.to_vec());
+                }
+            } else {
+                older_kept = true;
+                break;
+            }
+        }
+        let key = keys::versioned(prefix, now);
+        match value {
+            Some(v) => batch.insert(key, v),
+            None if older_kept => batch.insert(key, vec![TOMBSTONE]),
+            None => {}
+        }
+        Ok(())
+    }
+
+    // ---- inodes ----
+
+    /// The inode `ino` as `view` sees it.
+    pub fn inode(&self, ino: InodeNo, view: View) -> Result<Option<Inode>> {
+        match self.get_versioned(&keys::inode_prefix(ino), view)? {
+            Some(v) => Ok(Some(records::decode(&v, &format!("inode {ino}"))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the write of an inode record to `batch`.
+    pub fn put_inode(&self, batch: &mut Batch, inode: &Inode) -> Result<()> {
+        self.put_versioned(
+            batch,
+            &keys::inode_prefix(inode.ino),
+            Some(records::encode(inode)),
+        )
+    }
+
+    /// Adds the deletion of an inode record to `batch`.
+    pub fn delete_inode(&self, batch: &mut Batch, ino: InodeNo) -> Result<()> {
+        self.put_versioned(batch, &keys::inode_prefix(ino), None)
+    }
+
+    /// Every inode record version (all views), for reachability scans.
+    pub fn all_inode_versions(&self) -> impl Iterator<Item = Result<Inode>> + '_ {
+        self.db
+            .scan_prefix([keys::INODE])
+            .filter_map(|item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((_, v)) if v.first() == Some(&TOMBSTONE) => None,
+                Ok((k, v)) => Some(records::decode(
+                    &v,
+                    &format!("inode {}", keys::inode_of(&k)),
+                )),
+            })
+    }
+
+    /// Every live inode.
+    pub fn live_inodes(&self) -> impl Iterator<Item = Result<Inode>> + '_ {
+        let mut last = None;
+        self.db.scan_prefix([keys::INODE]).filter_map(move |item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let ino = keys::inode_of(&k);
+            if last == Some(ino) {
+                return None; // an older version
+            }
+            last = Some(ino);
+            if v.first() == Some(&TOMBSTONE) {
+                return None;
+            }
+            Some(records::decode(&v, &format!("inode {ino}")))
+        })
+    }
+
+    // ---- directory entries ----
+
+    /// The entry `name` of directory `parent`.
+    pub fn dirent(&self, parent: InodeNo, name: &[u8], view: View) -> Result<Option<DirEntry>> {
+        match self.get_versioned(&keys::dirent_prefix(parent, name), view)? {
+            Some(v) => Ok(Some(records::decode(&v, "directory entry")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the write (or, for `None`, the removal) of a directory entry to `batch`.
+    pub fn put_dirent(
+        &self,
+        batch: &mut Batch,
+        parent: InodeNo,
+        name: &[u8],
+        entry: Option<&DirEntry>,
+    ) -> Result<()> {
+        self.put_versioned(
+            batch,
+            &keys::dirent_prefix(parent, name),
+            entry.map(records::encode),
+        )
+    }
+
+    /// The entries of directory `parent` as `view` sees them, in name order, starting
+    /// after the name `after` (for paging).
+    pub fn dir_entries(
+        &self,
+        parent: InodeNo,
+        view: View,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DirEntry)>> {
+        let prefix = keys::dir_prefix(parent);
+        let start = match after {
+            // Skip every version of `after`: the next name sorts after `after\0\xff..`.
+            Some(name) => {
+                let mut k = keys::dirent_prefix(parent, name);
+                k.extend_from_slice(&[0xff; keys::EPOCH_LEN + 1]);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        let mut current: Option<Vec<u8>> = None;
+        let mut done_current = false;
+        for item in self.db.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = keys::dirent_name(&k);
+            if current.as_deref() != Some(name) {
+                if out.len() >= limit {
+                    break;
+                }
+                current = Some(name.to_vec());
+                done_current = false;
+            }
+            if done_current {
+                continue;
+            }
+            if let View::At(e) = view {
+                if keys::epoch_of(&k) > e {
+                    continue;
+                }
+            }
+            done_current = true;
+            if v.first() != Some(&TOMBSTONE) {
+                out.push((name.to_vec(), records::decode(&v, "directory entry")?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether directory `parent` has any entry in the live view.
+    pub fn dir_is_empty(&self, parent: InodeNo) -> Result<bool> {
+        Ok(self.dir_entries(parent, View::Live, None, 1)?.is_empty())
+    }
+
+    // ---- chunk index and block-map nodes ----
+
+    /// Where chunk `id` is stored.
+    pub fn chunk_loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        match self.db.get(keys::chunk(id))? {
+            Some(v) => Ok(Some(records::decode(
+                &v,
+                &format!("index entry of chunk {id}"),
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records where chunk `id` is stored (committed at once; the pack bytes are written).
+    pub fn put_chunk_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
+        self.db.insert(keys::chunk(id), records::encode(loc))?;
+        Ok(())
+    }
+
+    /// Removes the index entry of a chunk.
+    pub fn remove_chunk_loc(&self, id: &ChunkId) -> Result<()> {
+        self.db.remove(keys::chunk(id))?;
+        Ok(())
+    }
+
+    /// Every chunk index entry.
+    pub fn chunk_locs(&self) -> impl Iterator<Item = Result<(ChunkId, ChunkLoc)>> + '_ {
+        self.db.scan_prefix([keys::CHUNK]).map(|item| {
+            let (k, v) = item?;
+            let id = keys::hash_of(&k);
+            Ok((
+                id,
+                records::decode(&v, &format!("index entry of chunk {id}"))?,
+            ))
+        })
+    }
+
+    /// The stored bytes of block-map node `id`.
+    pub fn node(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(keys::node(id))?.map(|v| v.to_vec()))
+    }
+
+    /// Adds a block-map node to `batch` (idempotent: the key is the content's hash).
+    pub fn put_node(&self, batch: &mut Batch, id: &ChunkId, bytes: Vec<u8>) {
+        batch.insert(keys::node(id), bytes);
+    }
+
+    /// Every block-map node id.
+    pub fn node_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
+        self.db
+            .scan_prefix([keys::NODE])
+            .map(|item| Ok(keys::hash_of(&item?.0)))
+    }
+
+    /// Removes a block-map node.
+    pub fn remove_node(&self, id: &ChunkId) -> Result<()> {
+        self.db.remove(keys::node(id))?;
+        Ok(())
+    }
+
+    // ---- orphans (unlinked while open) ----
+
+    pub fn put_orphan(&self, batch: &mut Batch, ino: InodeNo) {
+        batch.insert(keys::orphan(ino), Vec::new());
+    }
+
+    pub fn remove_orphan(&self, batch: &mut Batch, ino: InodeNo) {
+        batch.remove(keys::orphan(ino));
+    }
+
+    pub fn orphans(&self) -> Result<Vec<InodeNo>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([keys::ORPHAN]) {
+            let (k, _) = item?;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[1..9]);
+            out.push(InodeNo(u64::from_be_bytes(b)));
+        }
+        Ok(out)
+    }
+
+    // ---- snapshots ----
+
+    /// Every snapshot record, by name.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([keys::SNAPSHOT]) {
+            let (_, v) = item?;
+            out.push(records::decode(&v, "snapshot record")?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> (tempfile::TempDir, Meta) {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(&dir.path().join("meta")).unwrap();
+        (dir, m)
+    }
+
+    #[test]
+    fn one_version_without_snapshots() {
+        let (_d, m) = meta();
+        let mut inode = Inode::new(InodeNo(5), FileKind::File, 0o644, 0, 0, InodeNo::ROOT);
+        for size in 0..3 {
+            inode.size = size;
+            let mut b = Batch::default();
+            m.put_inode(&mut b, &inode).unwrap();
+            m.commit(b).unwrap();
+        }
+        assert_eq!(m.inode(InodeNo(5), View::Live).unwrap().unwrap().size, 2);
+        assert_eq!(m.all_inode_versions().count(), 1);
+        let mut b = Batch::default();
+        m.delete_inode(&mut b, InodeNo(5)).unwrap();
+        m.commit(b).unwrap();
+        assert!(m.inode(InodeNo(5), View::Live).unwrap().is_none());
+        assert_eq!(
+            m.db.scan_prefix([keys::INODE]).count(),
+            0,
+            "no tombstone without snapshots"
+        );
+    }
+
+    #[test]
+    fn dir_entries_page_and_skip_deleted() {
+        let (_d, m) = meta();
+        let e = DirEntry {
+            ino: InodeNo(9),
+            kind: FileKind::File,
+        };
+        let mut b = Batch::default();
+        for name in ["a", "b", "c", "d"] {
+            m.put_dirent(&mut b, InodeNo::ROOT, name.as_bytes(), Some(&e))
+                .unwrap();
+        }
+        m.commit(b).unwrap();
+        let mut b = Batch::default();
+        m.put_dirent(&mut b, InodeNo::ROOT, b"b", None).unwrap();
+        m.commit(b).unwrap();
+        let all: Vec<_> = m.dir_entries(InodeNo::ROOT, View::Live, None, 100).unwrap();
+        let names: Vec<_> = all.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, vec![b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+        let page = m
+            .dir_entries(InodeNo::ROOT, View::Live, Some(b"a"), 1)
+            .unwrap();
+        assert_eq!(page[0].0, b"c".to_vec());
+    }
+}
