@@ -39,6 +39,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::error::{FsError, Result};
+use crate::gc::Pins;
 use crate::ids::ChunkId;
 use crate::meta::{Batch, MapRoot, Meta};
 
@@ -66,6 +67,7 @@ type Entries = Vec<Entry>;
 pub struct BlockMaps {
     meta: Arc<Meta>,
     cache: DashMap<ChunkId, Arc<Entries>>,
+    pins: Arc<Pins>,
 }
 
 /// Number of blocks a slot at `level` covers.
@@ -141,10 +143,11 @@ fn set(entries: &mut Entries, slot: u8, value: Option<(ChunkId, u64)>) {
 }
 
 impl BlockMaps {
-    pub fn new(meta: Arc<Meta>) -> Self {
+    pub fn new(meta: Arc<Meta>, pins: Arc<Pins>) -> Self {
         BlockMaps {
             meta,
             cache: DashMap::new(),
+            pins,
         }
     }
 
@@ -177,6 +180,7 @@ impl BlockMaps {
         let bytes = encode(level, &entries);
         let id = ChunkId::of(&bytes);
         let count = entries.iter().map(|e| e.count).sum();
+        self.pins.pin(&id);
         if !self.cache.contains_key(&id) {
             self.meta.put_node(batch, &id, bytes);
             self.cache_put(id, Arc::new(entries));
@@ -604,7 +608,7 @@ mod tests {
     fn maps() -> (tempfile::TempDir, Arc<Meta>, BlockMaps) {
         let dir = tempfile::tempdir().unwrap();
         let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let maps = BlockMaps::new(meta.clone());
+        let maps = BlockMaps::new(meta.clone(), Arc::default());
         (dir, meta, maps)
     }
 

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 
 use crate::error::{FsError, Result};
+use crate::gc::Pins;
 use crate::ids::ChunkId;
 use crate::meta::{ChunkLoc, Meta};
 use pack::ActivePack;
@@ -37,11 +38,13 @@ pub struct ChunkStore {
     active: Mutex<ActivePack>,
     /// Packs appended to since the last sync.
     unsynced: Mutex<BTreeSet<u32>>,
+    /// Chunks stored or deduplicated against during a garbage collection.
+    pins: Arc<Pins>,
 }
 
 impl ChunkStore {
     /// Opens the packs in `dir` and starts a new pack for this session's appends.
-    pub fn open(dir: &Path, meta: Arc<Meta>) -> Result<ChunkStore> {
+    pub fn open(dir: &Path, meta: Arc<Meta>, pins: Arc<Pins>) -> Result<ChunkStore> {
         let next = pack::list_packs(dir)?.last().map(|id| id + 1).unwrap_or(0);
         let active = ActivePack::create(dir, next)?;
         let readers = DashMap::new();
@@ -52,6 +55,7 @@ impl ChunkStore {
             readers,
             active: Mutex::new(active),
             unsynced: Mutex::new(BTreeSet::new()),
+            pins,
         })
     }
 
@@ -64,6 +68,8 @@ impl ChunkStore {
 
     /// Stores `data`, already hashed to `id`. Returns whether new bytes were written.
     pub fn put_hashed(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        // Pinned first: a collection deciding this chunk's fate now must keep it.
+        self.pins.pin(&id);
         if self.meta.chunk_loc(&id)?.is_some() {
             return Ok(false);
         }
@@ -179,7 +185,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("packs")).unwrap();
         let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone()).unwrap();
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
         let a = vec![7u8; 4096];
         let id = cs.put(&a).unwrap();
         assert!(!cs.put_hashed(id, &a).unwrap(), "second put is a dedup hit");
@@ -191,7 +197,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[loc.offset as usize + 10] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let cs2 = ChunkStore::open(&dir.path().join("packs"), meta).unwrap();
+        let cs2 = ChunkStore::open(&dir.path().join("packs"), meta, Arc::default()).unwrap();
         let err = cs2.get(&id).unwrap_err();
         assert!(matches!(err, FsError::Corrupt { .. }), "{err}");
         let (recs, _) = pack::scan(&path).unwrap();

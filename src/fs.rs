@@ -36,6 +36,7 @@ use crate::blockmap::BlockMaps;
 use crate::chunk::ChunkStore;
 use crate::config::StoreConfig;
 use crate::error::{FsError, Result};
+use crate::gc::Pins;
 use crate::ids::{ChunkId, InodeNo};
 use crate::meta::{Batch, FileKind, Inode, Meta, Timestamp, View};
 
@@ -159,6 +160,10 @@ pub struct Datastore {
     inodes: DashMap<InodeNo, StateRef>,
     ns: Mutex<()>,
     dirty_total: AtomicI64,
+    /// Flushes hold it shared from storing chunks to committing the record that
+    /// references them; a garbage collection takes it exclusively to start pinning.
+    gc_gate: RwLock<()>,
+    pins: Arc<Pins>,
     /// Held for the life of the datastore: one daemon per store.
     _lock: File,
     stop: Arc<AtomicBool>,
@@ -225,10 +230,13 @@ impl Datastore {
                 path.display()
             )));
         }
-        let chunks = ChunkStore::open(&path.join("packs"), meta.clone())?;
+        let pins = Arc::new(Pins::default());
+        let chunks = ChunkStore::open(&path.join("packs"), meta.clone(), pins.clone())?;
         let ds = Arc::new(Datastore {
             root: path.to_path_buf(),
-            maps: BlockMaps::new(meta.clone()),
+            maps: BlockMaps::new(meta.clone(), pins.clone()),
+            gc_gate: RwLock::new(()),
+            pins,
             cfg,
             meta,
             chunks,
@@ -258,6 +266,34 @@ impl Datastore {
     /// Logical block size.
     pub fn block_size(&self) -> u64 {
         self.cfg.block_size as u64
+    }
+
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub(crate) fn maps(&self) -> &BlockMaps {
+        &self.maps
+    }
+
+    pub(crate) fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    /// Starts pinning for a garbage collection, after in-flight flushes have committed.
+    pub(crate) fn gc_begin(&self) {
+        let _gate = self.gc_gate.write();
+        self.pins.begin();
+    }
+
+    /// Whether a chunk or node was stored or reused since [`Datastore::gc_begin`].
+    pub(crate) fn gc_pinned(&self, id: &ChunkId) -> bool {
+        self.pins.contains(id)
+    }
+
+    /// Stops pinning.
+    pub(crate) fn gc_end(&self) {
+        self.pins.end();
     }
 
     /// Flushes every dirty inode and makes everything durable.

@@ -13,6 +13,7 @@ pub mod control;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod gc;
 pub mod ids;
 pub mod meta;
 pub mod mount;

@@ -99,6 +99,7 @@ impl Datastore {
             st.attr_dirty = false;
             return Ok(());
         }
+        let _gate = self.gc_gate.read();
         let changes = self.store_blocks(&st.dirty)?;
         let mut batch = Batch::default();
         let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
