@@ -23,6 +23,9 @@ pub enum Command {
         /// Logical block size: a power of two from 4K to 1M.
         #[arg(long, default_value = "16K", value_parser = parse_block_size)]
         block_size: u32,
+        /// Name of the read-only snapshot directory at the mount root.
+        #[arg(long, default_value = ".snapshots")]
+        snapshot_dir: String,
     },
     /// Mount STORE at MOUNTPOINT. Returns once the mount is live; the daemon keeps running
     /// in the background until unmounted (umount, fusermount3 -u, SIGTERM).
@@ -63,6 +66,55 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list, delete or roll back to snapshots of a whole mounted datastore.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Freeze the whole datastore now (atomic, O(1)); readable under <mount>/.snapshots/NAME.
+    Create {
+        name: String,
+        /// The thinfs mountpoint (default: the mount holding the current directory).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Shell command run just before the snapshot (e.g. a guest fs freeze); if it
+        /// fails, no snapshot is taken.
+        #[arg(long)]
+        exec_before: Option<String>,
+        /// Shell command run after the snapshot, even if it failed (e.g. a thaw).
+        #[arg(long)]
+        exec_after: Option<String>,
+    },
+    /// List snapshots: name, creation time, bytes only the snapshot holds.
+    List {
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (GC reclaims what only it held).
+    Delete {
+        name: String,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// Make the live tree equal to a snapshot (no data copied). Asks unless --yes.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Roll back even while files are open.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -73,4 +125,4 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 /// Subcommand names, for recognizing the `thinfs STORE MNT -o ...` form mount helpers use.
-pub const SUBCOMMANDS: &[&str] = &["mkfs", "mount", "stats", "clone", "du", "help"];
+pub const SUBCOMMANDS: &[&str] = &["mkfs", "mount", "stats", "clone", "du", "snapshot", "help"];

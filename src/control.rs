@@ -33,6 +33,17 @@ pub enum Request {
     Du {
         paths: Vec<Vec<u8>>,
     },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotList,
+    SnapshotDelete {
+        name: String,
+    },
+    SnapshotRollback {
+        name: String,
+        force: bool,
+    },
 }
 
 /// The daemon's answer: a JSON value, or an error with its errno.
@@ -52,9 +63,9 @@ pub fn handle(ds: &Datastore, req: Request) -> Result<serde_json::Value> {
     match req {
         Request::Stats => Ok(json(&ds.stats()?)),
         Request::Clone { src, dst, force } => {
-            let src_ino = ds.resolve(&src)?;
+            let (view, src_ino) = ds.resolve_view(&src)?;
             let (parent, name) = ds.resolve_parent(&dst)?;
-            let attr = ds.clone_path(src_ino, parent, name, force)?;
+            let attr = ds.clone_from(view, src_ino, parent, name, force)?;
             Ok(serde_json::json!({ "ino": attr.ino.0 }))
         }
         Request::Du { paths } => {
@@ -63,6 +74,16 @@ pub fn handle(ds: &Datastore, req: Request) -> Result<serde_json::Value> {
                 inos.push(ds.resolve(p)?);
             }
             Ok(json(&ds.du(&inos)?))
+        }
+        Request::SnapshotCreate { name } => Ok(json(&ds.snapshot_create(&name)?)),
+        Request::SnapshotList => Ok(json(&ds.snapshot_list()?)),
+        Request::SnapshotDelete { name } => {
+            ds.snapshot_delete(&name)?;
+            Ok(serde_json::Value::Null)
+        }
+        Request::SnapshotRollback { name, force } => {
+            ds.snapshot_rollback(&name, force)?;
+            Ok(serde_json::Value::Null)
         }
     }
 }

@@ -21,6 +21,7 @@
 mod clone;
 mod io;
 pub mod namespace;
+pub mod snapshot;
 mod stats;
 
 use std::collections::{BTreeMap, HashSet};
@@ -60,6 +61,8 @@ const TOTAL_DIRTY_LIMIT: i64 = 512 << 20;
 pub struct OpenOptions {
     /// Do not start the background flusher (tests that want full control).
     pub no_background: bool,
+    /// Name of the snapshot directory (default: the store's, `.snapshots`).
+    pub snapshot_dir: Option<String>,
 }
 
 /// One dirty block in a write-back buffer.
@@ -163,6 +166,8 @@ pub struct Datastore {
     /// Flushes hold it shared from storing chunks to committing the record that
     /// references them; a garbage collection takes it exclusively to start pinning.
     gc_gate: RwLock<()>,
+    /// Name of the snapshot directory at the root.
+    snapdir: Vec<u8>,
     pins: Arc<Pins>,
     /// Held for the life of the datastore: one daemon per store.
     _lock: File,
@@ -172,7 +177,12 @@ pub struct Datastore {
 impl Datastore {
     /// Creates a new store in `path` (created if missing; must be empty otherwise).
     pub fn mkfs(path: &Path, block_size: u32) -> Result<()> {
-        let cfg = StoreConfig::new(block_size)?;
+        Self::mkfs_with(path, StoreConfig::new(block_size)?)
+    }
+
+    /// Creates a new store with the given configuration.
+    pub fn mkfs_with(path: &Path, cfg: StoreConfig) -> Result<()> {
+        snapshot::check_snapshot_name(&cfg.snapshot_dir)?;
         if StoreConfig::path(path).exists() {
             return Err(FsError::Invalid(format!(
                 "{} is already a thinfs store",
@@ -222,6 +232,12 @@ impl Datastore {
     /// Opens the store at `path`, taking its lock.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<Datastore>> {
         let cfg = StoreConfig::load(path)?;
+        let snapdir = opts
+            .snapshot_dir
+            .clone()
+            .unwrap_or_else(|| cfg.snapshot_dir.clone())
+            .into_bytes();
+        snapshot::check_snapshot_name(&String::from_utf8_lossy(&snapdir))?;
         let lock = lock_store(path)?;
         let meta = Arc::new(Meta::open(&path.join("meta"))?);
         if meta.inode(InodeNo::ROOT, View::Live)?.is_none() {
@@ -236,6 +252,7 @@ impl Datastore {
             root: path.to_path_buf(),
             maps: BlockMaps::new(meta.clone(), pins.clone()),
             gc_gate: RwLock::new(()),
+            snapdir,
             pins,
             cfg,
             meta,

@@ -22,6 +22,7 @@ use fuser::{
 
 use crate::error::FsError;
 use crate::fs::namespace::Creator;
+use crate::fs::snapshot::Node;
 use crate::fs::{Attr, Datastore, SetAttr, Whence};
 use crate::ids::InodeNo;
 use crate::meta::{FileKind, Timestamp};
@@ -62,13 +63,12 @@ impl ThinFuse {
     }
 
     fn take_listing(&self, ino: InodeNo) -> Result<Vec<(Vec<u8>, InodeNo, FileKind)>, FsError> {
-        let entries = self.ds.readdir(ino)?;
-        let parent = self.ds.parent_of(ino)?;
-        let mut out = Vec::with_capacity(entries.len() + 2);
-        out.push((b".".to_vec(), ino, FileKind::Dir));
-        out.push((b"..".to_vec(), parent, FileKind::Dir));
-        out.extend(entries.into_iter().map(|(n, e)| (n, e.ino, e.kind)));
-        Ok(out)
+        Ok(self
+            .ds
+            .node_readdir(ino.0)?
+            .into_iter()
+            .map(|(n, id, k)| (n, InodeNo(id), k))
+            .collect())
     }
 }
 
@@ -124,6 +124,21 @@ fn ino(i: INodeNo) -> InodeNo {
     InodeNo(i.0)
 }
 
+/// The live inode a mutation targets; snapshot nodes are read-only.
+fn live(i: INodeNo) -> Result<InodeNo, fuser::Errno> {
+    match Node::from_id(i.0) {
+        Node::Live(ino) => Ok(ino),
+        _ => Err(fuser::Errno::EROFS),
+    }
+}
+
+/// Runs a mutation on live nodes only.
+macro_rules! live {
+    ($reply:expr, $($i:expr),+) => {
+        ($(match live($i) { Ok(v) => v, Err(e) => return $reply.error(e) }),+)
+    };
+}
+
 fn who(req: &Request) -> Creator {
     Creator {
         uid: req.uid(),
@@ -156,14 +171,14 @@ impl Filesystem for ThinFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.ds.lookup(ino(parent), name.as_bytes()) {
+        match self.ds.node_lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
             Err(e) => reply.error(errno("lookup", e)),
         }
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ds.getattr(ino(i)) {
+        match self.ds.node_getattr(i.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(errno("getattr", e)),
         }
@@ -196,15 +211,17 @@ impl Filesystem for ThinFuse {
             mtime: mtime.map(time_of),
             ctime: ctime.map(Timestamp::from_system),
         };
-        match self.ds.setattr(ino(i), &set) {
+        let i = live!(reply, i);
+        match self.ds.setattr(i, &set) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(errno("setattr", e)),
         }
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        match self.ds.readlink(ino(i)) {
-            Ok(t) => reply.data(&t),
+        match self.ds.node_inode(i.0) {
+            Ok(t) if t.kind == FileKind::Symlink => reply.data(&t.target),
+            Ok(_) => reply.error(fuser::Errno::EINVAL),
             Err(e) => reply.error(errno("readlink", e)),
         }
     }
@@ -222,14 +239,11 @@ impl Filesystem for ThinFuse {
         let Some(kind) = FileKind::from_mode(mode) else {
             return reply.error(fuser::Errno::EINVAL);
         };
-        match self.ds.mknod(
-            ino(parent),
-            name.as_bytes(),
-            kind,
-            mode & 0o7777,
-            rdev,
-            who(req),
-        ) {
+        let parent = live!(reply, parent);
+        match self
+            .ds
+            .mknod(parent, name.as_bytes(), kind, mode & 0o7777, rdev, who(req))
+        {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
             Err(e) => reply.error(errno("mknod", e)),
         }
@@ -244,9 +258,10 @@ impl Filesystem for ThinFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let parent = live!(reply, parent);
         match self
             .ds
-            .mkdir(ino(parent), name.as_bytes(), mode & 0o7777, who(req))
+            .mkdir(parent, name.as_bytes(), mode & 0o7777, who(req))
         {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
             Err(e) => reply.error(errno("mkdir", e)),
@@ -254,14 +269,16 @@ impl Filesystem for ThinFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.ds.unlink(ino(parent), name.as_bytes()) {
+        let parent = live!(reply, parent);
+        match self.ds.unlink(parent, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.ds.rmdir(ino(parent), name.as_bytes()) {
+        let parent = live!(reply, parent);
+        match self.ds.rmdir(parent, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", e)),
         }
@@ -275,8 +292,9 @@ impl Filesystem for ThinFuse {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        let parent = live!(reply, parent);
         match self.ds.symlink(
-            ino(parent),
+            parent,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
             who(req),
@@ -296,10 +314,11 @@ impl Filesystem for ThinFuse {
         flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let (parent, newparent) = live!(reply, parent, newparent);
         match self.ds.rename(
-            ino(parent),
+            parent,
             name.as_bytes(),
-            ino(newparent),
+            newparent,
             newname.as_bytes(),
             flags.bits(),
         ) {
@@ -316,13 +335,22 @@ impl Filesystem for ThinFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.ds.link(ino(i), ino(newparent), newname.as_bytes()) {
+        let (i, newparent) = live!(reply, i, newparent);
+        match self.ds.link(i, newparent, newname.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), GENERATION),
             Err(e) => reply.error(errno("link", e)),
         }
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, i: INodeNo, flags: fuser::OpenFlags, reply: ReplyOpen) {
+        if !matches!(Node::from_id(i.0), Node::Live(_)) {
+            // Snapshot files are immutable and need no open count.
+            return if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+                reply.error(fuser::Errno::EROFS)
+            } else {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            };
+        }
         match self.ds.open_file(ino(i)) {
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno("open", e)),
@@ -340,7 +368,7 @@ impl Filesystem for ThinFuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ds.read(ino(i), offset, size) {
+        match self.ds.node_read(i.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno("read", e)),
         }
@@ -358,7 +386,8 @@ impl Filesystem for ThinFuse {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.ds.write(ino(i), offset, data) {
+        let i = live!(reply, i);
+        match self.ds.write(i, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", e)),
         }
@@ -372,7 +401,10 @@ impl Filesystem for ThinFuse {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.ds.flush(ino(i)) {
+        let Node::Live(i) = Node::from_id(i.0) else {
+            return reply.ok();
+        };
+        match self.ds.flush(i) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", e)),
         }
@@ -388,7 +420,10 @@ impl Filesystem for ThinFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.ds.release(ino(i)) {
+        let Node::Live(i) = Node::from_id(i.0) else {
+            return reply.ok();
+        };
+        match self.ds.release(i) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("release", e)),
         }
@@ -402,7 +437,10 @@ impl Filesystem for ThinFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.ds.fsync(ino(i)) {
+        let Node::Live(i) = Node::from_id(i.0) else {
+            return reply.ok();
+        };
+        match self.ds.fsync(i) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", e)),
         }
@@ -457,7 +495,7 @@ impl Filesystem for ThinFuse {
             Err(e) => return reply.error(errno("readdirplus", e)),
         };
         for (idx, (name, child, _)) in listing.iter().enumerate().skip(offset as usize) {
-            let attr = match self.ds.getattr(*child) {
+            let attr = match self.ds.node_getattr(child.0) {
                 Ok(a) => a,
                 Err(FsError::NotFound) => continue, // removed since opendir
                 Err(e) => return reply.error(errno("readdirplus", e)),
@@ -528,14 +566,21 @@ impl Filesystem for ThinFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.ds.setxattr(ino(i), name.as_bytes(), value, flags) {
+        let i = live!(reply, i);
+        match self.ds.setxattr(i, name.as_bytes(), value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("setxattr", e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.ds.getxattr(ino(i), name.as_bytes()) {
+        let got = self.ds.node_inode(i.0).and_then(|n| {
+            n.xattrs
+                .get(name.as_bytes())
+                .cloned()
+                .ok_or(FsError::NoAttr)
+        });
+        match got {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
             Ok(v) => reply.data(&v),
@@ -544,7 +589,11 @@ impl Filesystem for ThinFuse {
     }
 
     fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.ds.listxattr(ino(i)) {
+        match self
+            .ds
+            .node_inode(i.0)
+            .map(|n| n.xattrs.into_keys().collect::<Vec<_>>())
+        {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -564,7 +613,8 @@ impl Filesystem for ThinFuse {
     }
 
     fn removexattr(&self, _req: &Request, i: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.ds.removexattr(ino(i), name.as_bytes()) {
+        let i = live!(reply, i);
+        match self.ds.removexattr(i, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("removexattr", e)),
         }
@@ -585,9 +635,10 @@ impl Filesystem for ThinFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let parent = live!(reply, parent);
         let made = self
             .ds
-            .create(ino(parent), name.as_bytes(), mode & 0o7777, who(req))
+            .create(parent, name.as_bytes(), mode & 0o7777, who(req))
             .and_then(|a| self.ds.open_file(a.ino));
         match made {
             Ok(a) => reply.created(
@@ -611,7 +662,8 @@ impl Filesystem for ThinFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.ds.fallocate(ino(i), offset, length, mode) {
+        let i = live!(reply, i);
+        match self.ds.fallocate(i, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fallocate", e)),
         }
@@ -634,7 +686,7 @@ impl Filesystem for ThinFuse {
         if offset < 0 {
             return reply.error(fuser::Errno::ENXIO);
         }
-        match self.ds.lseek(ino(i), offset as u64, whence) {
+        match self.ds.node_lseek(i.0, offset as u64, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(errno("lseek", e)),
         }
@@ -654,9 +706,10 @@ impl Filesystem for ThinFuse {
         reply: ReplyWrite,
     ) {
         let len = len.min(u32::MAX as u64 & !0xfff);
+        let out = live!(reply, ino_out);
         match self
             .ds
-            .copy_range(ino(ino_in), offset_in, ino(ino_out), offset_out, len)
+            .copy_range_from(ino_in.0, offset_in, out, offset_out, len)
         {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno("copy_file_range", e)),

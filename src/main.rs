@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use thinfs::cli::{Cli, Command, SUBCOMMANDS};
+use thinfs::cli::{Cli, Command, SnapshotCmd, SUBCOMMANDS};
 use thinfs::control::{self, Request};
 use thinfs::fs::{Datastore, OpenOptions};
 
@@ -41,8 +41,14 @@ fn helper_form(mut args: Vec<String>) -> Vec<String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Mkfs { store, block_size } => {
-            Datastore::mkfs(&store, block_size)?;
+        Command::Mkfs {
+            store,
+            block_size,
+            snapshot_dir,
+        } => {
+            let mut cfg = thinfs::config::StoreConfig::new(block_size)?;
+            cfg.snapshot_dir = snapshot_dir;
+            Datastore::mkfs_with(&store, cfg)?;
             println!(
                 "created thinfs store {} (block size {} KiB)",
                 store.display(),
@@ -65,6 +71,7 @@ fn run(cli: Cli) -> Result<()> {
                         &store,
                         &OpenOptions {
                             no_background: true,
+                            ..Default::default()
                         },
                     )?;
                     serde_json::to_value(ds.stats()?)?
@@ -94,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("clone {} -> {}", src.display(), dst.display()))?;
             Ok(())
         }
+        Command::Snapshot { action } => snapshot(action),
         Command::Du { paths, json } => {
             let mut store = None;
             let mut rels = Vec::new();
@@ -124,6 +132,103 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{:<10} {}", k.trim_end_matches("_bytes"), human(g(k)));
                 }
             }
+            Ok(())
+        }
+    }
+}
+
+/// The store of `--mount`, or of the mount holding the current directory.
+fn mount_store(mount: Option<PathBuf>) -> Result<PathBuf> {
+    let p = mount.unwrap_or_else(|| PathBuf::from("."));
+    let (m, _) = control::mount_of(&p).map_err(|e| anyhow!(e))?;
+    Ok(m.store)
+}
+
+/// Runs a quiesce hook through the shell; fails with its exit status.
+fn run_hook(what: &str, cmd: &str) -> Result<()> {
+    let status = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .with_context(|| format!("running {what} command `{cmd}`"))?;
+    if !status.success() {
+        bail!("{what} command `{cmd}` failed with {status}");
+    }
+    Ok(())
+}
+
+fn snapshot(action: SnapshotCmd) -> Result<()> {
+    match action {
+        SnapshotCmd::Create {
+            name,
+            mount,
+            exec_before,
+            exec_after,
+        } => {
+            thinfs::fs::snapshot::check_snapshot_name(&name)?;
+            let store = mount_store(mount)?;
+            if let Some(cmd) = &exec_before {
+                run_hook("--exec-before", cmd)?;
+            }
+            let made = call(&store, &Request::SnapshotCreate { name: name.clone() });
+            let after = exec_after
+                .as_deref()
+                .map(|cmd| run_hook("--exec-after", cmd));
+            made.with_context(|| format!("snapshot {name}"))?;
+            if let Some(r) = after {
+                r?;
+            }
+            println!("created snapshot {name}");
+            Ok(())
+        }
+        SnapshotCmd::List { mount, json } => {
+            let v = call(&mount_store(mount)?, &Request::SnapshotList)?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            println!("{:<24} {:<12} {:>16}", "NAME", "CREATED", "EXCLUSIVE");
+            for s in v.as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<24} {:<12} {:>16}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["created"].as_i64().unwrap_or(0),
+                    human(s["exclusive_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+            Ok(())
+        }
+        SnapshotCmd::Delete { name, mount } => {
+            call(
+                &mount_store(mount)?,
+                &Request::SnapshotDelete { name: name.clone() },
+            )
+            .with_context(|| format!("delete snapshot {name}"))?;
+            Ok(())
+        }
+        SnapshotCmd::Rollback {
+            name,
+            mount,
+            yes,
+            force,
+        } => {
+            let store = mount_store(mount)?;
+            if !yes {
+                eprint!("Roll the live tree back to snapshot {name}? Changes since then are lost. [y/N] ");
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                if !matches!(line.trim(), "y" | "Y" | "yes") {
+                    bail!("not confirmed");
+                }
+            }
+            call(
+                &store,
+                &Request::SnapshotRollback {
+                    name: name.clone(),
+                    force,
+                },
+            )
+            .with_context(|| format!("rollback to {name}"))?;
             Ok(())
         }
     }

@@ -15,7 +15,7 @@ pub mod records;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 pub use records::{ChunkLoc, DirEntry, FileKind, Inode, MapRoot, SnapshotRecord, Timestamp};
@@ -42,6 +42,22 @@ pub struct Meta {
     epoch: AtomicU64,
     /// Epochs frozen by existing snapshots.
     snapshots: RwLock<BTreeSet<u64>>,
+    /// GC support: inode versions dropped while a collection marks (see [`Dropped`]).
+    dropped: Dropped,
+}
+
+/// GC support: the "snapshot at the beginning" barrier of a collection's mark phase.
+///
+/// The mark scans the inode table while writers keep committing, so a version it has not
+/// reached yet may be dropped before it gets there, after another inode that the scan has
+/// passed took over part of its block map (copy_file_range grafts, clones then unlinks).
+/// While capturing, every inode version about to be dropped is recorded here, before the
+/// batch that drops it commits, and the mark walks these too: so the mark sees every
+/// version that existed when capturing started. Only inode versions are recorded.
+#[derive(Default)]
+struct Dropped {
+    capturing: AtomicBool,
+    values: parking_lot::Mutex<Vec<sled::IVec>>,
 }
 
 /// A set of changes committed atomically by [`Meta::commit`].
@@ -62,6 +78,17 @@ impl Batch {
     }
 }
 
+/// One stored version of an inode record (see [`Meta::inode_versions`]).
+#[derive(Clone, Debug)]
+pub struct InodeVersion {
+    pub inode: Inode,
+    /// The epoch it was written in.
+    pub epoch: Epoch,
+    /// The epoch of the next newer version (`None`: this is the live record). Snapshots
+    /// with epochs in `[epoch, newer)` see this version.
+    pub newer: Option<Epoch>,
+}
+
 impl Meta {
     /// Opens (or creates) the sled database in `dir`.
     pub fn open(dir: &Path) -> Result<Meta> {
@@ -80,6 +107,7 @@ impl Meta {
             db,
             epoch: AtomicU64::new(1),
             snapshots: RwLock::new(BTreeSet::new()),
+            dropped: Dropped::default(),
         };
         let epoch = meta.counter("epoch")?.max(1);
         meta.epoch.store(epoch, Ordering::SeqCst);
@@ -164,12 +192,13 @@ impl Meta {
         let mut older_kept = false;
         let mut seen_older = false;
         for item in self.db.scan_prefix(prefix) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             if k.len() != prefix.len() + keys::EPOCH_LEN {
                 continue;
             }
             let e = keys::epoch_of(&k);
             if e >= now {
+                self.note_dropped(&k, v);
                 batch.remove(k.to_vec());
                 continue;
             }
@@ -179,6 +208,7 @@ impl Meta {
                 if snaps.range(e.0..now.0).next().is_some() {
                     older_kept = true;
                 } else {
+                    self.note_dropped(&k, v);
                     batch.remove(k.to_vec());
                 }
             } else {
@@ -394,6 +424,110 @@ impl Meta {
         Ok(())
     }
 
+    // ---- GC support (crate::gc, crate::fsck) ----
+
+    /// Records an inode version about to be dropped, if a collection is marking.
+    fn note_dropped(&self, key: &[u8], value: sled::IVec) {
+        if key.first() != Some(&keys::INODE) || value.first() == Some(&TOMBSTONE) {
+            return;
+        }
+        if self.dropped.capturing.load(Ordering::SeqCst) {
+            let mut v = self.dropped.values.lock();
+            // Checked again under the lock: `take_dropped(true)` may have just stopped.
+            if self.dropped.capturing.load(Ordering::SeqCst) {
+                v.push(value);
+            }
+        }
+    }
+
+    /// Starts recording dropped inode versions (a collection's mark phase begins).
+    pub(crate) fn capture_dropped(&self) {
+        self.dropped.values.lock().clear();
+        self.dropped.capturing.store(true, Ordering::SeqCst);
+    }
+
+    /// The inode versions dropped since the last call; with `stop`, recording ends
+    /// atomically with the take, so nothing recorded is lost.
+    pub(crate) fn take_dropped(&self, stop: bool) -> Result<Vec<Inode>> {
+        let values = {
+            let mut v = self.dropped.values.lock();
+            if stop {
+                self.dropped.capturing.store(false, Ordering::SeqCst);
+            }
+            std::mem::take(&mut *v)
+        };
+        values
+            .iter()
+            .map(|v| records::decode(v, "dropped inode version"))
+            .collect()
+    }
+
+    /// Every inode version with its epoch and the epoch of the next newer version of the
+    /// same inode (`None`: this is the newest, i.e. the live record). Tombstones are
+    /// skipped but still count as the newer version of what they hide.
+    pub fn inode_versions(&self) -> impl Iterator<Item = Result<InodeVersion>> + '_ {
+        let mut last: Option<(InodeNo, Epoch)> = None;
+        self.db.scan_prefix([keys::INODE]).filter_map(move |item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let ino = keys::inode_of(&k);
+            let epoch = keys::epoch_of(&k);
+            let newer = match last {
+                Some((i, e)) if i == ino => Some(e),
+                _ => None,
+            };
+            last = Some((ino, epoch));
+            if v.first() == Some(&TOMBSTONE) {
+                return None;
+            }
+            Some(
+                records::decode(&v, &format!("inode {ino}")).map(|inode| InodeVersion {
+                    inode,
+                    epoch,
+                    newer,
+                }),
+            )
+        })
+    }
+
+    /// Removes the index entries of `ids` in one atomic batch.
+    pub(crate) fn remove_chunk_locs(&self, ids: &[ChunkId]) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for id in ids {
+            b.remove(keys::chunk(id));
+        }
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Removes the block-map nodes `ids` in one atomic batch.
+    pub(crate) fn remove_nodes(&self, ids: &[ChunkId]) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for id in ids {
+            b.remove(keys::node(id));
+        }
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Points chunk `id` at `new` if its entry still says `old` (compaction moves a chunk
+    /// only if nothing changed it meanwhile). Returns whether it was replaced.
+    pub(crate) fn replace_chunk_loc(
+        &self,
+        id: &ChunkId,
+        old: &ChunkLoc,
+        new: &ChunkLoc,
+    ) -> Result<bool> {
+        let swapped = self.db.compare_and_swap(
+            keys::chunk(id),
+            Some(records::encode(old)),
+            Some(records::encode(new)),
+        )?;
+        Ok(swapped.is_ok())
+    }
+
     // ---- orphans (unlinked while open) ----
 
     pub fn put_orphan(&self, batch: &mut Batch, ino: InodeNo) {
@@ -416,6 +550,137 @@ impl Meta {
     }
 
     // ---- snapshots ----
+
+    /// Freezes the current epoch as snapshot `name`; live writes continue in the next
+    /// epoch. The caller excludes concurrent commits of versioned records.
+    pub fn create_snapshot(&self, name: &str, created: Timestamp) -> Result<SnapshotRecord> {
+        if self.db.get(keys::snapshot(name.as_bytes()))?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let epoch = self.epoch();
+        let index = self.counter("snapshot_index")? + 1;
+        if index >= 1 << 15 {
+            return Err(FsError::NoSpace("no snapshot numbers left".into()));
+        }
+        let rec = SnapshotRecord {
+            name: name.to_string(),
+            epoch: epoch.0,
+            index: index as u32,
+            created,
+        };
+        let mut b = sled::Batch::default();
+        b.insert(keys::snapshot(name.as_bytes()), records::encode(&rec));
+        b.insert(keys::counter("snapshot_index"), &index.to_be_bytes());
+        b.insert(keys::counter("epoch"), &(epoch.0 + 1).to_be_bytes());
+        self.db.apply_batch(b)?;
+        self.snapshots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(epoch.0);
+        self.epoch.store(epoch.0 + 1, Ordering::SeqCst);
+        Ok(rec)
+    }
+
+    /// The snapshot called `name`.
+    pub fn snapshot(&self, name: &[u8]) -> Result<Option<SnapshotRecord>> {
+        match self.db.get(keys::snapshot(name))? {
+            Some(v) => Ok(Some(records::decode(&v, "snapshot record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes snapshot `name` and drops the record versions only it could see.
+    pub fn delete_snapshot(&self, name: &[u8]) -> Result<SnapshotRecord> {
+        let rec = self.snapshot(name)?.ok_or(FsError::NotFound)?;
+        self.db.remove(keys::snapshot(name))?;
+        self.snapshots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.epoch);
+        self.sweep_versions()?;
+        Ok(rec)
+    }
+
+    /// Drops every record version no snapshot and not the live tree can see.
+    pub fn sweep_versions(&self) -> Result<u64> {
+        let snaps = self
+            .snapshots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = self.epoch();
+        let mut removed = 0;
+        for tag in [keys::INODE, keys::DIRENT] {
+            let mut batch = sled::Batch::default();
+            let mut group: Vec<u8> = Vec::new();
+            // Epoch of the next-newer version in the current group.
+            let mut newer = now.0 + 1;
+            let mut first = true;
+            for item in self.db.scan_prefix([tag]) {
+                let (k, v) = item?;
+                let prefix = &k[..k.len() - keys::EPOCH_LEN];
+                if prefix != group.as_slice() {
+                    group = prefix.to_vec();
+                    newer = now.0 + 1;
+                    first = true;
+                }
+                let e = keys::epoch_of(&k).0;
+                // Visible to the live tree (the newest, unless a tombstone) or to a
+                // snapshot s with e <= s < newer.
+                let live = first && v.first() != Some(&TOMBSTONE);
+                let seen = snaps.range(e..newer).next().is_some();
+                if !live && !seen {
+                    self.note_dropped(&k, v.clone());
+                    batch.remove(k.to_vec());
+                    removed += 1;
+                }
+                newer = e;
+                first = false;
+            }
+            self.db.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Adds to `batch` what makes the live tree equal to snapshot epoch `at`: every
+    /// versioned record takes the value `at` sees (absent records are deleted).
+    pub fn rollback_batch(&self, at: Epoch, batch: &mut Batch) -> Result<()> {
+        for tag in [keys::INODE, keys::DIRENT] {
+            let mut last: Option<Vec<u8>> = None;
+            for item in self.db.scan_prefix([tag]) {
+                let (k, _) = item?;
+                let prefix = k[..k.len() - keys::EPOCH_LEN].to_vec();
+                if last.as_ref() == Some(&prefix) {
+                    continue;
+                }
+                let then = self.get_versioned(&prefix, View::At(at))?;
+                let nowv = self.get_versioned(&prefix, View::Live)?;
+                if then != nowv {
+                    self.put_versioned(batch, &prefix, then.map(|v| v.to_vec()))?;
+                }
+                last = Some(prefix);
+            }
+        }
+        Ok(())
+    }
+
+    /// Inode records as snapshot epoch `at` sees them.
+    pub fn inodes_at(&self, at: Epoch) -> Result<Vec<Inode>> {
+        let mut out = Vec::new();
+        let mut last = None;
+        for item in self.db.scan_prefix([keys::INODE]) {
+            let (k, _) = item?;
+            let ino = keys::inode_of(&k);
+            if last == Some(ino) {
+                continue;
+            }
+            last = Some(ino);
+            if let Some(i) = self.inode(ino, View::At(at))? {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
 
     /// Every snapshot record, by name.
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {

@@ -24,6 +24,8 @@ const READY_FD: &str = "THINFS_READY_FD";
 pub struct MountOpts {
     pub acl: SessionACL,
     pub flags: libc::c_ulong,
+    /// `snapdir=NAME`: the snapshot directory's name for this mount.
+    pub snapdir: Option<String>,
 }
 
 impl Default for MountOpts {
@@ -31,6 +33,7 @@ impl Default for MountOpts {
         MountOpts {
             acl: SessionACL::Owner,
             flags: libc::MS_NOSUID | libc::MS_NODEV,
+            snapdir: None,
         }
     }
 }
@@ -44,8 +47,9 @@ pub fn parse_options(lists: &[String]) -> Result<MountOpts> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        let (key, _value) = opt.split_once('=').unwrap_or((opt, ""));
+        let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
         match key {
+            "snapdir" => o.snapdir = Some(value.to_string()),
             "allow_other" => o.acl = SessionACL::All,
             "allow_root" => o.acl = SessionACL::RootAndOwner,
             "ro" => o.flags |= libc::MS_RDONLY,
@@ -222,7 +226,13 @@ fn unmount(mountpoint: &Path) {
 /// Opens the store, mounts, signals readiness and serves until unmounted.
 fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Result<()> {
     block_signals();
-    let ds = Datastore::open(store, &OpenOptions::default())?;
+    let ds = Datastore::open(
+        store,
+        &OpenOptions {
+            snapshot_dir: opts.snapdir.clone(),
+            ..Default::default()
+        },
+    )?;
     let fd = kernel_mount(store, mountpoint, &opts)?;
     let mut config = Config::default();
     config.acl = opts.acl;

@@ -36,9 +36,27 @@ impl Datastore {
         name: &[u8],
         force: bool,
     ) -> Result<Attr> {
+        self.clone_from(View::Live, src, dst_parent, name, force)
+    }
+
+    /// Clones `src` as `view` sees it (the live tree or a snapshot) into the live tree.
+    pub fn clone_from(
+        &self,
+        view: View,
+        src: InodeNo,
+        dst_parent: InodeNo,
+        name: &[u8],
+        force: bool,
+    ) -> Result<Attr> {
         super::namespace::check_name(name)?;
+        if self.is_snapdir(dst_parent, name) {
+            return Err(FsError::Exists);
+        }
         let _ns = self.ns.lock();
-        let src_inode = self.inode(src)?;
+        let src_inode = match view {
+            View::Live => self.inode(src)?,
+            View::At(_) => self.meta.inode(src, view)?.ok_or(FsError::NotFound)?,
+        };
         if self.inode(dst_parent)?.kind != FileKind::Dir {
             return Err(FsError::NotDir);
         }
@@ -47,7 +65,10 @@ impl Datastore {
                 return Err(FsError::Exists);
             }
         }
-        if src_inode.kind == FileKind::Dir && self.is_within(dst_parent, src)? {
+        if view == View::Live
+            && src_inode.kind == FileKind::Dir
+            && self.is_within(dst_parent, src)?
+        {
             return Err(FsError::Invalid(
                 "cannot clone a directory into itself".into(),
             ));
@@ -64,7 +85,7 @@ impl Datastore {
             if nodes[i].kind == FileKind::Dir {
                 for (child_name, e) in
                     self.meta
-                        .dir_entries(nodes[i].src, View::Live, None, usize::MAX)?
+                        .dir_entries(nodes[i].src, view, None, usize::MAX)?
                 {
                     nodes.push(Node {
                         src: e.ino,
@@ -77,17 +98,23 @@ impl Datastore {
             i += 1;
         }
         // One instant for the whole tree: lock all, flush, read.
-        let mut inos: Vec<InodeNo> = nodes.iter().map(|n| n.src).collect();
+        // A snapshot is immutable: only live sources need locking.
+        let mut inos: Vec<InodeNo> = match view {
+            View::Live => nodes.iter().map(|n| n.src).collect(),
+            View::At(_) => Vec::new(),
+        };
         inos.push(dst_parent);
         let replaced = self.meta.dirent(dst_parent, name, View::Live)?;
         if let Some(r) = replaced {
             inos.push(r.ino);
         }
         let mut locks = self.lock_many(&inos)?;
-        for n in &nodes {
-            if n.kind == FileKind::File {
-                let g = locks.get_mut(&n.src).ok_or(FsError::NotFound)?;
-                self.flush_state(g)?;
+        if view == View::Live {
+            for n in &nodes {
+                if n.kind == FileKind::File {
+                    let g = locks.get_mut(&n.src).ok_or(FsError::NotFound)?;
+                    self.flush_state(g)?;
+                }
             }
         }
         let now = Timestamp::now();
@@ -103,7 +130,10 @@ impl Datastore {
                 None => {
                     let ino = self.meta.new_ino()?;
                     new_ino.insert(n.src, ino);
-                    let mut inode = locks.get(&n.src).ok_or(FsError::NotFound)?.inode.clone();
+                    let mut inode = match view {
+                        View::Live => locks.get(&n.src).ok_or(FsError::NotFound)?.inode.clone(),
+                        View::At(_) => self.meta.inode(n.src, view)?.ok_or(FsError::NotFound)?,
+                    };
                     inode.ino = ino;
                     inode.ctime = now;
                     inode.nlink = if n.kind == FileKind::Dir { 2 } else { 0 };

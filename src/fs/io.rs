@@ -265,7 +265,7 @@ impl Datastore {
         Ok(out)
     }
 
-    fn read_range(&self, st: &InodeState, offset: u64, end: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_range(&self, st: &InodeState, offset: u64, end: u64) -> Result<Vec<u8>> {
         let bs = self.block_size();
         let first = offset / bs;
         let last = (end - 1) / bs;
@@ -474,22 +474,32 @@ impl Datastore {
     /// SEEK_DATA / SEEK_HOLE, exact to the block.
     pub fn lseek(&self, ino: InodeNo, offset: u64, whence: Whence) -> Result<u64> {
         let mut g = self.lock(ino)?;
-        if g.inode.kind != FileKind::File {
+        self.flush_state(&mut g)?;
+        self.seek_in(&g.inode, offset, whence)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE over a committed inode record.
+    pub(super) fn seek_in(
+        &self,
+        inode: &crate::meta::Inode,
+        offset: u64,
+        whence: Whence,
+    ) -> Result<u64> {
+        if inode.kind != FileKind::File {
             return Err(FsError::Invalid("not a regular file".into()));
         }
-        self.flush_state(&mut g)?;
-        let size = g.inode.size;
+        let size = inode.size;
         if offset >= size {
             return Err(FsError::NoData);
         }
         let bs = self.block_size();
         match whence {
-            Whence::Data => match self.maps.next_data(g.inode.map, offset / bs)? {
+            Whence::Data => match self.maps.next_data(inode.map, offset / bs)? {
                 Some(b) if (b * bs).max(offset) < size => Ok((b * bs).max(offset)),
                 _ => Err(FsError::NoData),
             },
             Whence::Hole => {
-                let h = self.maps.next_hole(g.inode.map, offset / bs)?;
+                let h = self.maps.next_hole(inode.map, offset / bs)?;
                 Ok(h.saturating_mul(bs).max(offset).min(size))
             }
         }
@@ -505,16 +515,39 @@ impl Datastore {
         dst_off: u64,
         len: u64,
     ) -> Result<u64> {
+        self.copy_range_from(src.0, src_off, dst, dst_off, len)
+    }
+
+    /// [`Datastore::copy_range`] from any node (a snapshot file too) into a live file.
+    pub fn copy_range_from(
+        &self,
+        src_node: u64,
+        src_off: u64,
+        dst: InodeNo,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<u64> {
         let bs = self.block_size();
+        let (view, src) = self.node_view(src_node)?;
         // A consistent view of the source: its flushed root and size.
-        let (src_root, src_size) = {
-            let mut g = self.lock(src)?;
-            if g.inode.kind != FileKind::File {
-                return Err(FsError::Invalid("copy source is not a regular file".into()));
+        let (src_root, src_size) = match view {
+            crate::meta::View::Live => {
+                let mut g = self.lock(src)?;
+                if g.inode.kind != FileKind::File {
+                    return Err(FsError::Invalid("copy source is not a regular file".into()));
+                }
+                self.flush_state(&mut g)?;
+                (g.inode.map, g.inode.size)
             }
-            self.flush_state(&mut g)?;
-            (g.inode.map, g.inode.size)
+            crate::meta::View::At(_) => {
+                let i = self.node_inode(src_node)?;
+                if i.kind != FileKind::File {
+                    return Err(FsError::Invalid("copy source is not a regular file".into()));
+                }
+                (i.map, i.size)
+            }
         };
+        let src = src_node;
         let len = len.min(src_size.saturating_sub(src_off));
         if len == 0 {
             return Ok(0);
@@ -523,7 +556,7 @@ impl Datastore {
         if dst_end > MAX_FILE_SIZE {
             return Err(FsError::TooBig);
         }
-        let overlap = src == dst && src_off < dst_end && dst_off < src_off + len;
+        let overlap = src == dst.0 && src_off < dst_end && dst_off < src_off + len;
         if src_off % bs != dst_off % bs || overlap {
             return self.copy_bytes(src, src_off, dst, dst_off, len);
         }
@@ -585,7 +618,7 @@ impl Datastore {
 
     fn copy_bytes(
         &self,
-        src: InodeNo,
+        src: u64,
         mut src_off: u64,
         dst: InodeNo,
         mut dst_off: u64,
@@ -594,7 +627,7 @@ impl Datastore {
         let mut left = len;
         while left > 0 {
             let n = left.min(4 << 20) as u32;
-            let data = self.read(src, src_off, n)?;
+            let data = self.node_read(src, src_off, n)?;
             if data.is_empty() {
                 break;
             }

@@ -114,6 +114,9 @@ impl Datastore {
         build: impl FnOnce(InodeNo) -> Inode,
     ) -> Result<Attr> {
         check_name(name)?;
+        if self.is_snapdir(parent, name) {
+            return Err(FsError::Exists);
+        }
         let _ns = self.ns.lock();
         let mut p = self.lock(parent)?;
         if p.inode.kind != FileKind::Dir {
@@ -161,6 +164,9 @@ impl Datastore {
     /// Adds the name `name` in `parent` for the existing inode `ino`.
     pub fn link(&self, ino: InodeNo, parent: InodeNo, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
+        if self.is_snapdir(parent, name) {
+            return Err(FsError::Exists);
+        }
         let _ns = self.ns.lock();
         let mut locks = self.lock_many(&[ino, parent])?;
         if locks[&parent].inode.kind != FileKind::Dir {
@@ -218,6 +224,9 @@ impl Datastore {
         }
         if name == b".." {
             return Err(FsError::NotEmpty);
+        }
+        if self.is_snapdir(parent, name) {
+            return Err(FsError::ReadOnly);
         }
         let _ns = self.ns.lock();
         let entry = self
@@ -317,6 +326,9 @@ impl Datastore {
         }
         if flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0 {
             return Err(FsError::Invalid("NOREPLACE with EXCHANGE".into()));
+        }
+        if self.is_snapdir(parent, name) || self.is_snapdir(new_parent, new_name) {
+            return Err(FsError::ReadOnly);
         }
         let _ns = self.ns.lock();
         let src = self
