@@ -165,6 +165,12 @@ impl BlockMaps {
         Ok(entries)
     }
 
+    /// Drops node `id` from the cache. GC calls it for every node it removes: `store`
+    /// skips writing a node that is cached, so a cached node must exist in the store.
+    pub(crate) fn forget(&self, id: &ChunkId) {
+        self.cache.remove(id);
+    }
+
     fn cache_put(&self, id: ChunkId, entries: Arc<Entries>) {
         if self.cache.len() >= NODE_CACHE_LIMIT {
             self.cache.clear();

@@ -78,23 +78,29 @@ impl ChunkStore {
         if self.meta.chunk_loc(&id)?.is_some() {
             return Ok(false);
         }
+        let loc = self.append_locked(&mut active, &id, data)?;
+        self.meta.put_chunk_loc(&id, &loc)?;
+        Ok(true)
+    }
+
+    /// Appends a record to the active pack (rotating it when full); the caller holds
+    /// `active`. The pack is listed for the next [`ChunkStore::sync`].
+    fn append_locked(&self, active: &mut ActivePack, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
         if active.len >= PACK_TARGET {
             let next = ActivePack::create(&self.dir, active.id + 1)?;
             self.readers.insert(next.id, next.file.clone());
             *active = next;
         }
-        let offset = active.append(&id, data)?;
-        let loc = ChunkLoc {
-            pack: active.id,
-            offset,
-            len: data.len() as u32,
-        };
+        let offset = active.append(id, data)?;
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(active.id);
-        self.meta.put_chunk_loc(&id, &loc)?;
-        Ok(true)
+        Ok(ChunkLoc {
+            pack: active.id,
+            offset,
+            len: data.len() as u32,
+        })
     }
 
     /// Reads and verifies chunk `id`.
@@ -103,7 +109,17 @@ impl ChunkStore {
             chunk: *id,
             detail: "referenced but missing from the index".into(),
         })?;
-        self.read_loc(id, &loc)
+        match self.read_loc(id, &loc) {
+            Ok(data) => Ok(data),
+            Err(e) => {
+                // GC compaction may have moved the chunk and deleted its old pack between
+                // our index lookup and the read: retry at the new place, once.
+                match self.meta.chunk_loc(id)? {
+                    Some(now) if now != loc => self.read_loc(id, &now),
+                    _ => Err(e),
+                }
+            }
+        }
     }
 
     /// Reads the bytes at `loc` and checks they hash to `id`.
@@ -173,6 +189,51 @@ impl ChunkStore {
     /// The pack directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    // ---- GC support (crate::gc) ----
+
+    /// The pins shared with the block maps and the datastore.
+    pub(crate) fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// The pack new records go to. It and every later pack are never compacted.
+    pub(crate) fn active_pack(&self) -> u32 {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).id
+    }
+
+    /// Appends a copy of chunk `id` (already verified `data`) to the active pack without
+    /// touching the index; compaction syncs, then repoints the index entry
+    /// ([`Meta::replace_chunk_loc`]).
+    pub(crate) fn append_copy(&self, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.append_locked(&mut active, id, data)
+    }
+
+    /// Deletes pack `id` (never the active one); returns its size. The caller has made
+    /// durable an index in which no entry points into it. A reader that still holds the
+    /// open file keeps reading it; a reader that looks it up again retries ([`ChunkStore::get`]).
+    pub(crate) fn remove_pack(&self, id: u32) -> Result<u64> {
+        // The active pack id only grows, so a pack below it is never appended to again.
+        if id >= self.active_pack() {
+            return Err(FsError::Invalid(format!("pack {id} is in use")));
+        }
+        let path = pack::pack_path(&self.dir, id);
+        let size = std::fs::metadata(&path)
+            .map_err(|e| FsError::io(format!("stat {}", path.display()), e))?
+            .len();
+        self.readers.remove(&id);
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        std::fs::remove_file(&path)
+            .map_err(|e| FsError::io(format!("deleting {}", path.display()), e))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(size)
     }
 }
 

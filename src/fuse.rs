@@ -32,11 +32,14 @@ const TTL: Duration = Duration::from_secs(1);
 /// Generation of every node id: ids are never reused, so it never changes.
 const GENERATION: Generation = Generation(0);
 
+/// A directory listing: (name, node id, kind), "." and ".." first.
+type Listing = Arc<Vec<(Vec<u8>, InodeNo, FileKind)>>;
+
 /// The FUSE filesystem over one datastore.
 pub struct ThinFuse {
     ds: Arc<Datastore>,
     /// Directory listings taken at opendir, by handle.
-    listings: DashMap<u64, Arc<Vec<(Vec<u8>, InodeNo, FileKind)>>>,
+    listings: DashMap<u64, Listing>,
     next_fh: AtomicU64,
 }
 
@@ -53,7 +56,7 @@ impl ThinFuse {
         &self,
         ino: InodeNo,
         fh: u64,
-    ) -> Result<Arc<Vec<(Vec<u8>, InodeNo, FileKind)>>, FsError> {
+    ) -> Result<Listing, FsError> {
         if let Some(l) = self.listings.get(&fh) {
             return Ok(l.clone());
         }

@@ -164,18 +164,18 @@ impl Meta {
             View::Live => prefix.to_vec(),
             View::At(e) => keys::versioned(prefix, e),
         };
-        for item in self.db.range(start..) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) || k.len() != prefix.len() + keys::EPOCH_LEN {
-                return Ok(None);
-            }
-            return Ok(if v.first() == Some(&TOMBSTONE) {
-                None
-            } else {
-                Some(v)
-            });
+        let Some(item) = self.db.range(start..).next() else {
+            return Ok(None);
+        };
+        let (k, v) = item?;
+        if !k.starts_with(prefix) || k.len() != prefix.len() + keys::EPOCH_LEN {
+            return Ok(None);
         }
-        Ok(None)
+        Ok(if v.first() == Some(&TOMBSTONE) {
+            None
+        } else {
+            Some(v)
+        })
     }
 
     /// Adds to `batch` the write of `value` (or the deletion, for `None`) of the record at

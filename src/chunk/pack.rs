@@ -144,3 +144,73 @@ pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
     }
     Ok((out, pos))
 }
+
+/// Every record of a pack whose data hashes to its name, for `fsck --repair`.
+///
+/// Unlike [`scan`] it does not stop at damage: after a bad header or data that does not
+/// match its hash it searches forward for the next [`MAGIC`] and resumes there, so one
+/// damaged record does not hide the ones after it. A candidate header is accepted only if
+/// its data verifies, so a `MAGIC` inside chunk data cannot produce a false record. Reads
+/// the whole pack into memory (packs are bounded by the rotation size).
+pub fn scan_verified(path: &Path) -> Result<Vec<Record>> {
+    let bytes =
+        std::fs::read(path).map_err(|e| FsError::io(format!("reading {}", path.display()), e))?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    let hl = HEADER_LEN as usize;
+    while pos + hl <= bytes.len() {
+        let h = &bytes[pos..pos + hl];
+        if &h[..4] == MAGIC {
+            let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            let end = pos + hl + len as usize;
+            if end <= bytes.len() {
+                let mut id = [0u8; 32];
+                id.copy_from_slice(&h[8..]);
+                let id = ChunkId(id);
+                if ChunkId::of(&bytes[pos + hl..end]) == id {
+                    out.push(Record {
+                        id,
+                        offset: (pos + hl) as u64,
+                        len,
+                    });
+                    pos = end;
+                    continue;
+                }
+            }
+        }
+        // Damaged or foreign: resume at the next magic.
+        match bytes[pos + 1..].windows(4).position(|w| w == MAGIC) {
+            Some(skip) => pos += 1 + skip,
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_verified_skips_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = ActivePack::create(dir.path(), 1).unwrap();
+        let datas: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 1000]).collect();
+        let mut offs = Vec::new();
+        for d in &datas {
+            offs.push(p.append(&ChunkId::of(d), d).unwrap());
+        }
+        let path = pack_path(dir.path(), 1);
+        // Damage the first record's header and the second record's data.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(offs[0] - HEADER_LEN) as usize + 5] ^= 0xff;
+        bytes[offs[1] as usize + 7] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (plain, _) = scan(&path).unwrap();
+        assert!(plain.is_empty(), "scan stops at the first damage");
+        let recs = scan_verified(&path).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].id, ChunkId::of(&datas[2]));
+        assert_eq!(recs[0].offset, offs[2]);
+    }
+}

@@ -18,6 +18,9 @@ use crate::error::{FsError, Result};
 use crate::ids::{ChunkId, InodeNo};
 use crate::meta::{Batch, FileKind, Timestamp};
 
+/// A block index and its new chunk (`None`: a hole).
+type MapChange = (u64, Option<ChunkId>);
+
 /// Which way `lseek` searches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Whence {
@@ -143,7 +146,7 @@ impl Datastore {
             return Ok(store(&items)?.into_iter().collect());
         }
         let per = items.len().div_ceil(threads);
-        let results: Vec<Result<Vec<(u64, Option<ChunkId>)>>> = std::thread::scope(|s| {
+        let results: Vec<Result<Vec<MapChange>>> = std::thread::scope(|s| {
             let handles: Vec<_> = items
                 .chunks(per)
                 .map(|part| s.spawn(move || store(part)))
@@ -220,7 +223,7 @@ impl Datastore {
     ) -> Result<()> {
         let bs = self.block_size() as usize;
         if off == 0 && len == bs {
-            let data = buf.map(|b| Arc::<[u8]>::from(b));
+            let data = buf.map(Arc::<[u8]>::from);
             return self.set_block(st, idx, data);
         }
         let old = self.block(st, idx)?;

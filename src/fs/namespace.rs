@@ -313,11 +313,11 @@ impl Datastore {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
-        check_name(name).or_else(|e| {
+        check_name(name).map_err(|e| {
             if name.len() > NAME_MAX {
-                Err(e)
+                e
             } else {
-                Err(FsError::Invalid("cannot rename . or ..".into()))
+                FsError::Invalid("cannot rename . or ..".into())
             }
         })?;
         check_name(new_name)?;
