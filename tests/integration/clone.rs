@@ -269,7 +269,23 @@ fn clone_refuses_existing_destination_unless_forced() {
         "clone out of the mount: {}",
         describe(&out)
     );
-    // --force replaces.
+}
+
+#[test]
+fn clone_result_is_visible_at_once() {
+    let m = Mount::new();
+    fs::write(m.path("a"), b"source").unwrap();
+    fs::write(m.path("b"), b"existing").unwrap();
+    // The kernel has cached "b" (positive) and "c" (negative) dentries; the clone
+    // happens outside the VFS, so the daemon must invalidate them.
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"existing");
+    assert!(!m.path("c").exists());
+    clone_ok(&m.path("a"), &m.path("c"));
+    let got = fs::read(m.path("c"));
+    assert!(
+        matches!(&got, Ok(v) if v == b"source"),
+        "new clone not visible right away (stale negative dentry?): {got:?}"
+    );
     let out = thinfs([
         OsStr::new("clone"),
         m.path("a").as_os_str(),
@@ -277,7 +293,34 @@ fn clone_refuses_existing_destination_unless_forced() {
         OsStr::new("--force"),
     ]);
     assert!(out.status.success(), "clone --force: {}", describe(&out));
-    assert_eq!(fs::read(m.path("b")).unwrap(), b"source");
+    let got = fs::read(m.path("b"));
+    assert!(
+        matches!(&got, Ok(v) if v == b"source"),
+        "after clone --force, DST does not read as the source right away \
+         (stale kernel dentry for the replaced name?): {got:?}"
+    );
+    // --force with a directory source over an existing directory.
+    fs::create_dir(m.path("d1")).unwrap();
+    fs::write(m.path("d1/x"), b"x1").unwrap();
+    fs::create_dir(m.path("d2")).unwrap();
+    fs::write(m.path("d2/y"), b"y2").unwrap();
+    assert_eq!(fs::read(m.path("d2/y")).unwrap(), b"y2");
+    let out = thinfs([
+        OsStr::new("clone"),
+        m.path("d1").as_os_str(),
+        m.path("d2").as_os_str(),
+        OsStr::new("--force"),
+    ]);
+    assert!(
+        out.status.success(),
+        "clone --force of a directory: {}",
+        describe(&out)
+    );
+    assert_eq!(fs::read(m.path("d2/x")).unwrap(), b"x1");
+    assert!(
+        !m.path("d2/y").exists(),
+        "old content of a --force-replaced directory still visible"
+    );
 }
 
 #[test]
@@ -407,13 +450,10 @@ fn copy_file_range_unaligned_matches_model() {
             done, expect,
             "round {round}: copy_file_range({off_in}->{off_out}, {len}) copied {done}, expected {expect}"
         );
-        let chunk: Vec<u8> = if same {
-            dst_model[off_in as usize..off_in as usize + done].to_vec()
-        } else {
-            src_model[off_in as usize..off_in as usize + done].to_vec()
-        };
         let end = off_out as usize + done;
         if done > 0 {
+            let from_model = if same { &dst_model } else { &src_model };
+            let chunk = from_model[off_in as usize..off_in as usize + done].to_vec();
             if dst_model.len() < end {
                 dst_model.resize(end, 0);
             }
@@ -437,8 +477,7 @@ fn copy_file_range_unaligned_matches_model() {
     assert_same_bytes(&fs::read(&dst_p).unwrap(), &dst_model, "dst after remount");
 }
 
-/// `thinfs du PATH... --json` numbers for one path, whatever the top-level shape
-/// (one object, an array in argument order, or an object keyed by path).
+/// `thinfs du PATH... --json`: one JSON object for all the paths together.
 #[derive(Debug)]
 struct Du {
     logical: u64,
@@ -447,7 +486,7 @@ struct Du {
     exclusive: u64,
 }
 
-fn du(paths: &[&Path]) -> Vec<Du> {
+fn du(paths: &[&Path]) -> Du {
     let mut args = vec![OsStr::new("du")];
     args.extend(paths.iter().map(|p| p.as_os_str()));
     args.push(OsStr::new("--json"));
@@ -455,40 +494,17 @@ fn du(paths: &[&Path]) -> Vec<Du> {
     assert!(out.status.success(), "thinfs du: {}", describe(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("du output is not JSON ({e}): {}", describe(&out)));
-    let parse = |o: &serde_json::Value| {
-        let g = |k: &str| {
-            o.get(k)
-                .and_then(|x| x.as_u64())
-                .unwrap_or_else(|| panic!("du JSON lacks {k}: {o}"))
-        };
-        Du {
-            logical: g("logical_bytes"),
-            stored: g("stored_bytes"),
-            shared: g("shared_bytes"),
-            exclusive: g("exclusive_bytes"),
-        }
+    let g = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .unwrap_or_else(|| panic!("du JSON lacks {k}: {v}"))
     };
-    let items: Vec<serde_json::Value> = match &v {
-        serde_json::Value::Array(a) => a.clone(),
-        serde_json::Value::Object(o) if o.contains_key("logical_bytes") => vec![v.clone()],
-        serde_json::Value::Object(o) => {
-            if let Some(serde_json::Value::Array(a)) = o.get("paths").or(o.get("entries")) {
-                a.clone()
-            } else {
-                paths
-                    .iter()
-                    .map(|p| {
-                        o.get(p.to_str().unwrap())
-                            .cloned()
-                            .unwrap_or_else(|| panic!("du JSON has no entry for {p:?}: {v}"))
-                    })
-                    .collect()
-            }
-        }
-        _ => panic!("unexpected du JSON: {v}"),
-    };
-    assert_eq!(items.len(), paths.len(), "du JSON entries vs paths: {v}");
-    items.iter().map(parse).collect()
+    Du {
+        logical: g("logical_bytes"),
+        stored: g("stored_bytes"),
+        shared: g("shared_bytes"),
+        exclusive: g("exclusive_bytes"),
+    }
 }
 
 #[test]
@@ -504,8 +520,8 @@ fn du_reports_shared_and_exclusive_bytes() {
         .unwrap();
     fb.sync_all().unwrap();
     drop(fb);
-    let r = du(&[&a, &b]);
     let near = |x: u64, want: u64| x.abs_diff(want) <= 16 * KIB;
+    let r = [du(&[&a]), du(&[&b])];
     for (name, d) in ["A", "B"].iter().zip(&r) {
         assert_eq!(d.logical, MIB, "{name}: {d:?}");
         assert!(
@@ -521,14 +537,13 @@ fn du_reports_shared_and_exclusive_bytes() {
             "{name}: stored should be ~1 MiB: {d:?}"
         );
     }
-    // du of the single path B gives the same numbers.
-    let single = du(&[&b]);
-    assert_eq!(single[0].shared, r[1].shared);
-    assert_eq!(single[0].exclusive, r[1].exclusive);
+    // Both paths together: logical sizes add up.
+    let both = du(&[&a, &b]);
+    assert_eq!(both.logical, 2 * MIB, "{both:?}");
     // A fresh file shares nothing.
     fs::write(m.path("C"), Rng::new(70).bytes(200 * 1024)).unwrap();
     File::open(m.path("C")).unwrap().sync_all().unwrap();
-    let c = &du(&[&m.path("C")])[0];
+    let c = du(&[&m.path("C")]);
     assert_eq!(c.shared, 0, "{c:?}");
     assert!(near(c.exclusive, 200 * KIB), "{c:?}");
     // Plain du output (no --json) works too.

@@ -100,7 +100,7 @@ fn stats_on_an_empty_store_and_small_files() {
     m.unmount_ok();
     let s = stats(&m.store);
     eprintln!("{s:?}");
-    assert_eq!(s.logical_bytes, 1 + GIB + 3 * 64 * KIB + 128 * KIB);
+    assert_eq!(s.logical_bytes, 1 + GIB + 2 * 64 * KIB + 128 * KIB);
     assert_eq!(s.allocated_bytes, 16 * KIB + 2 * 64 * KIB + 128 * KIB);
     // Stored: at most the 1-byte block, 64 KiB once, one 16 KiB block.
     assert!(

@@ -228,9 +228,11 @@ fn mount_with_allow_other_serves_other_users() {
 }
 
 #[test]
-fn mount_via_mount_t_fuse_thinfs() {
-    // fstab / `mount -t fuse.thinfs` run mount.fuse3, which runs
-    // `thinfs STORE MNT -o rw,...` through /bin/sh with thinfs on PATH.
+fn mount_via_mount_fuse3_helper() {
+    // fstab and `mount -t fuse.thinfs` run mount.fuse3, which runs
+    // `thinfs STORE MNT -o rw,...,dev,suid` through /bin/sh. mount(8) clears
+    // PATH for its helpers (sh then searches /usr/local/bin, /usr/bin, ...), so
+    // a private PATH only reaches the helper when we call mount.fuse3 directly.
     let dir = test_dir("mount-t");
     let bin = dir.path().join("bin");
     fs::create_dir(&bin).unwrap();
@@ -245,21 +247,20 @@ fn mount_via_mount_t_fuse_thinfs() {
         std::env::var("PATH").unwrap_or_default()
     );
     let out = run_timeout(
-        Command::new("mount")
-            .args(["-t", "fuse.thinfs"])
+        Command::new("mount.fuse3")
             .arg(&store)
             .arg(&mnt)
-            .args(["-o", "allow_other"])
+            .args(["-t", "fuse.thinfs", "-o", "rw,allow_other"])
             .env("PATH", path),
         CMD_TIMEOUT,
     );
     let cleanup = Unmounter(&mnt);
     assert!(
         out.status.success(),
-        "mount -t fuse.thinfs: {}",
+        "mount.fuse3 -t fuse.thinfs: {}",
         describe(&out)
     );
-    let entry = mount_at(&mnt).expect("mount -t fuse.thinfs returned 0 without a mount");
+    let entry = mount_at(&mnt).expect("mount.fuse3 returned 0 without a mount");
     assert_eq!(entry.fstype, "fuse.thinfs");
     assert_eq!(entry.source, store.to_str().unwrap());
     fs::write(mnt.join("f"), b"via mount(8)").unwrap();

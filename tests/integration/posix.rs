@@ -598,7 +598,11 @@ fn chmod_chown_utimensat_exact() {
     // Times before the epoch and far in the future.
     utimens(&p, (-1_000, 5), (4_102_444_800, 999_999_999)).unwrap();
     let md = fs::metadata(&p).unwrap();
-    assert_eq!((md.atime(), md.atime_nsec()), (-1_000, 5));
+    assert_eq!(
+        (md.atime(), md.atime_nsec()),
+        (-1_000, 5),
+        "pre-epoch timespec {{-1000 s, 5 ns}} did not round-trip"
+    );
     assert_eq!((md.mtime(), md.mtime_nsec()), (4_102_444_800, 999_999_999));
     // UTIME_OMIT keeps one, UTIME_NOW sets the other to about now.
     utimens(&p, (0, libc::UTIME_OMIT), (0, libc::UTIME_NOW)).unwrap();

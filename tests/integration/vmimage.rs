@@ -386,61 +386,6 @@ fn ofd_and_flock_locks_are_exclusive() {
 }
 
 #[test]
-fn qemu_io_image_locking_refuses_second_writer() {
-    // QEMU's own image locking (OFD locks on byte ranges) on a thinfs file.
-    let m = mount16k();
-    let img = m.path("vm.raw");
-    run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "raw"])
-            .arg(&img)
-            .arg("16M"),
-    );
-    // Hold the image open for writing in one qemu-io, try a second writer.
-    let mut holder = std::process::Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn qemu-io");
-    // Wait until the holder has the image open (its locks are in /proc/locks).
-    let ino = fs::metadata(&img).unwrap().ino();
-    let start = std::time::Instant::now();
-    loop {
-        let locks = fs::read_to_string("/proc/locks").unwrap();
-        if locks.lines().any(|l| l.contains(&format!(":{ino} "))) {
-            break;
-        }
-        assert!(
-            start.elapsed().as_secs() < 20,
-            "qemu-io never locked the image"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = run_timeout(
-        std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write 0 4k"])
-            .arg(&img),
-        CMD_TIMEOUT,
-    );
-    let text = format!("{}{}", stdout_str(&out), stderr_str(&out));
-    let _ = holder.kill();
-    let _ = holder.wait();
-    assert!(
-        !out.status.success() || text.contains("lock"),
-        "a second qemu-io writer was not refused: {}",
-        describe(&out)
-    );
-    assert!(
-        text.contains("lock"),
-        "refusal does not mention the lock: {}",
-        describe(&out)
-    );
-}
-
-#[test]
 fn shared_mmap_writes_reach_the_file() {
     let m = mount16k();
     let p = m.path("mapped");
