@@ -3,7 +3,14 @@
 #
 # Usage: scripts/bench.sh [--quick] [--systems native,bindfs,juicefs,thinfs] [--out DIR]
 #                         [--work DIR] [--runtime SECONDS] [--no-build] [--thinfs-bin PATH]
-#                         [--keep-fleet] [--skip-setup]
+#                         [--keep-fleet] [--skip-setup] [--nfiles N] [--fleet-bs 16K,64K]
+#                         [--jobs seq,rand,sync,meta,clone,snapshot,fleet]
+#
+#   --jobs LIST   subset of seq,rand,sync,meta,clone,snapshot,fleet (default: all)
+#   --keep-fleet  keep the generated fleet source (WORK/fleet-src) for the next run
+#   --skip-setup  do not apt-get/pip install anything
+#   --nfiles N    small files for the metadata and snapshot jobs (default 100000, quick 2000)
+#   --fleet-bs L  thinfs block sizes for the fleet job (default 16K,64K,128K, quick 16K)
 #
 # Systems (all on the disk that holds the work dir, default /var/tmp/thinfs-bench):
 #   native   a plain directory;
@@ -53,6 +60,9 @@ BUILD=1
 THINFS=""
 KEEP_FLEET=0
 SETUP=1
+JOBS=seq,rand,sync,meta,clone,snapshot,fleet
+OPT_NFILES=""
+OPT_FLEET_BS=""
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -71,6 +81,12 @@ while [ $# -gt 0 ]; do
         --thinfs-bin) THINFS=$2; BUILD=0; shift ;;
         --thinfs-bin=*) THINFS=${1#*=}; BUILD=0 ;;
         --keep-fleet) KEEP_FLEET=1 ;;
+        --jobs) JOBS=$2; shift ;;
+        --jobs=*) JOBS=${1#*=} ;;
+        --nfiles) OPT_NFILES=$2; shift ;;
+        --nfiles=*) OPT_NFILES=${1#*=} ;;
+        --fleet-bs) OPT_FLEET_BS=${2//,/ }; shift ;;
+        --fleet-bs=*) OPT_FLEET_BS=${1#*=}; OPT_FLEET_BS=${OPT_FLEET_BS//,/ } ;;
         --skip-setup) SETUP=0 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -99,12 +115,18 @@ else
     FLEET_BS="16K 64K 128K"
     CMD_TIMEOUT=1200
 fi
+[ -z "${OPT_NFILES:-}" ] || { NFILES=$OPT_NFILES; SNAP_FILES="100 $NFILES"; }
+[ -z "${OPT_FLEET_BS:-}" ] || FLEET_BS=$OPT_FLEET_BS
 FLEET_COPIES=10
 FLEET_SEED=42
 THINFS_BS=16K               # block size of the main thinfs store
 
 for s in ${SYSTEMS//,/ }; do
     case "$s" in native|bindfs|juicefs|thinfs) ;; *) echo "bench.sh: unknown system $s" >&2; exit 2 ;; esac
+done
+has_job() { case ",$JOBS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+for j in ${JOBS//,/ }; do
+    case "$j" in seq|rand|sync|meta|clone|snapshot|fleet) ;; *) echo "bench.sh: unknown job $j" >&2; exit 2 ;; esac
 done
 has_sys() { case ",$SYSTEMS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 ALL_SYS=()
@@ -210,8 +232,8 @@ build_thinfs() {
 is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
 
 wait_mounted() {
-    local mnt=$1 i
-    for i in $(seq 1 300); do
+    local mnt=$1
+    for _ in $(seq 1 300); do
         is_mounted "$mnt" && return 0
         sleep 0.1
     done
@@ -251,7 +273,7 @@ fuse_abort() {
 }
 
 unmount_fs() {
-    local kind=$1 mnt=$2 pids i
+    local kind=$1 mnt=$2 pids
     is_mounted "$mnt" || return 0
     pids=$(daemon_pids "$mnt" | tr '\n' ' ')
     case "$kind" in
@@ -264,7 +286,7 @@ unmount_fs() {
         umount -l "$mnt" 2>/dev/null || true
     fi
     # Wait for the daemon to flush and exit (thinfs promises it on umount).
-    for i in $(seq 1 1200); do
+    for _ in $(seq 1 1200); do
         local alive=0 p
         for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
         [ "$alive" = 0 ] && break
@@ -498,6 +520,10 @@ job_fleet() {
     drop_caches
     t0=$(now_ns)
     tmo cp --reflink=never --sparse=never "$FLEET_SRC"/*.img "$mnt/vms/"
+    # Durable: fsync every file (reaches every FUSE daemon as FSYNC), then syncfs.
+    tmo python3 -c 'import os, sys
+for p in sys.argv[1:]:
+    fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)' "$mnt"/vms/*.img
     tmo sync -f "$mnt/vms"
     secs=$(python3 -c "print(($(now_ns) - $t0) / 1e9)")
     logical=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["logical_bytes"])' "$FLEET_SRC/manifest.json")
@@ -508,20 +534,14 @@ job_fleet() {
         [ -n "$v" ] && record "$pre: daemon RSS after ingest" "$sys" "$v" "bytes"
     fi
     unmount_system "$sys" "$tag"
+    local js=""
     case "$sys" in
         native) stored=$(du -sb "$mnt/vms" | cut -f1) ;;
         bindfs) stored=$(du -sb "$d/backing" | cut -f1) ;;
         juicefs) stored=$(du -scb "$d/bucket" "$d"/meta.db* | tail -n1 | cut -f1) ;;
         thinfs)
-            local js
             js=$(tmo "$THINFS" stats "$d/store" --json)
             stored=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(s["stored_bytes"] + s["meta_bytes"])' "$js")
-            v=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["meta_bytes"])' "$js")
-            record "$pre: thinfs meta_bytes" "$sys" "$v" "bytes"
-            v=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["logical_bytes"])' "$js")
-            record "$pre: thinfs stats logical_bytes" "$sys" "$v" "bytes"
-            v=$(du -sb "$d/store" | cut -f1)
-            record "$pre: thinfs store dir (du -sb)" "$sys" "$v" "bytes"
             ;;
     esac
     [ "$pre" = fleet ] && record "$pre: logical bytes" "$sys" "$logical" "bytes"
@@ -533,6 +553,15 @@ job_fleet() {
             "$FLEET_SRC/manifest.json" "$(to_bytes "$bs")")
         record "$pre: ideal stored (distinct non-zero $bs blocks)" "$sys" "$ideal" "bytes"
         record "$pre: stored/ideal" "$sys" "$(python3 -c "print($stored / $ideal)")" "x"
+        v=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["meta_bytes"])' "$js")
+        record "$pre: thinfs meta_bytes" "$sys" "$v" "bytes"
+        if [ "$pre" = fleet ]; then
+            # Cross-checks: the store's own logical count, and the whole store dir on disk.
+            v=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["logical_bytes"])' "$js")
+            record "$pre: thinfs stats logical_bytes" "$sys" "$v" "bytes"
+            v=$(du -sb "$d/store" | cut -f1)
+            record "$pre: thinfs store dir (du -sb)" "$sys" "$v" "bytes"
+        fi
     fi
     rm -rf "$d"
 }
@@ -597,7 +626,7 @@ done
     echo "$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM;" \
         "thinfs $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')," \
         "block size $THINFS_BS; $(fio --version); bindfs $(bindfs --version 2>/dev/null | awk '{print $2}');" \
-        "$([ -n "$JUICEFS" ] && "$JUICEFS" version 2>/dev/null | head -n1)."
+        "$([ -n "$JUICEFS" ] && "$JUICEFS" version 2>/dev/null | head -n1 || echo "no juicefs")."
     echo
     echo "Files ${FILE_MIB} MiB, timed fio jobs ${RUNTIME} s, $NFILES small files, fleet base ${FLEET_BASE_MIB} MiB + $FLEET_COPIES copies;" \
         "work dir $WORK ($(df -h --output=source "$WORK" | tail -n1 | tr -d ' ')). Higher is better except for ms, us, s, bytes."
@@ -606,28 +635,43 @@ done
 
 # Main instances, one per system.
 MAIN_SYS=()
-for s in "${OK_SYS[@]}"; do
-    run "mount" "$s" mount_system "$s" main "$THINFS_BS"
-    if [ "$RUN_RC" = 0 ]; then MAIN_SYS+=("$s"); fi
-done
+if has_job seq || has_job rand || has_job sync || has_job meta || has_job clone; then
+    for s in "${OK_SYS[@]}"; do
+        run "mount" "$s" mount_system "$s" main "$THINFS_BS"
+        if [ "$RUN_RC" = 0 ]; then MAIN_SYS+=("$s"); fi
+    done
+fi
 
-for s in "${MAIN_SYS[@]}"; do run "seq write" "$s" job_seqwrite "$s"; done
-for s in "${MAIN_SYS[@]}"; do run "seq read" "$s" job_seqread "$s"; done
-for n in 1 4; do
-    for s in "${MAIN_SYS[@]}"; do run "rand read x$n" "$s" job_randread "$s" "$n"; done
-done
-for n in 1 4; do
-    for s in "${MAIN_SYS[@]}"; do run "rand write x$n" "$s" job_randwrite "$s" "$n"; done
-done
-for s in "${MAIN_SYS[@]}"; do run "fdatasync" "$s" job_fdatasync "$s"; done
+if has_job seq || has_job rand || has_job sync; then
+    # The seq write also lays out the file for the random and fdatasync jobs.
+    for s in "${MAIN_SYS[@]}"; do run "seq write" "$s" job_seqwrite "$s"; done
+fi
+if has_job seq; then
+    for s in "${MAIN_SYS[@]}"; do run "seq read" "$s" job_seqread "$s"; done
+fi
+if has_job rand; then
+    for n in 1 4; do
+        for s in "${MAIN_SYS[@]}"; do run "rand read x$n" "$s" job_randread "$s" "$n"; done
+    done
+    for n in 1 4; do
+        for s in "${MAIN_SYS[@]}"; do run "rand write x$n" "$s" job_randwrite "$s" "$n"; done
+    done
+fi
+if has_job sync; then
+    for s in "${MAIN_SYS[@]}"; do run "fdatasync" "$s" job_fdatasync "$s"; done
+fi
 for s in "${MAIN_SYS[@]}"; do rm -f "$(dir_of "$s")/bench.dat" || true; done
-for s in "${MAIN_SYS[@]}"; do run "metadata" "$s" job_meta "$s"; done
-for mib in $CLONE_MIB; do
-    for s in "${MAIN_SYS[@]}"; do run "clone $mib MiB" "$s" job_clone "$s" "$mib"; done
-done
+if has_job meta; then
+    for s in "${MAIN_SYS[@]}"; do run "metadata" "$s" job_meta "$s"; done
+fi
+if has_job clone; then
+    for mib in $CLONE_MIB; do
+        for s in "${MAIN_SYS[@]}"; do run "clone $mib MiB" "$s" job_clone "$s" "$mib"; done
+    done
+fi
 for s in "${MAIN_SYS[@]}"; do run "unmount" "$s" unmount_system "$s" main; done
 
-if has_sys thinfs && [[ " ${OK_SYS[*]} " == *" thinfs "* ]]; then
+if has_job snapshot && [[ " ${OK_SYS[*]} " == *" thinfs "* ]]; then
     run "mount snapshot store" thinfs mount_system thinfs snap "$THINFS_BS"
     if [ "$RUN_RC" = 0 ]; then
         run "snapshot" thinfs job_snapshot
@@ -636,7 +680,7 @@ if has_sys thinfs && [[ " ${OK_SYS[*]} " == *" thinfs "* ]]; then
     fi
 fi
 
-if [ ${#OK_SYS[@]} -gt 0 ]; then
+if has_job fleet && [ ${#OK_SYS[@]} -gt 0 ]; then
     FLEET_BS_BYTES=$(for b in $FLEET_BS; do to_bytes "$b"; done | paste -sd,)
     run "generate fleet" all tmo nice -n 10 python3 "$HELPERS/fleet.py" --dir "$FLEET_SRC" \
             --base-mib "$FLEET_BASE_MIB" --copies "$FLEET_COPIES" --seed "$FLEET_SEED" \
