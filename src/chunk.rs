@@ -85,7 +85,12 @@ impl ChunkStore {
 
     /// Appends a record to the active pack (rotating it when full); the caller holds
     /// `active`. The pack is listed for the next [`ChunkStore::sync`].
-    fn append_locked(&self, active: &mut ActivePack, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
+    fn append_locked(
+        &self,
+        active: &mut ActivePack,
+        id: &ChunkId,
+        data: &[u8],
+    ) -> Result<ChunkLoc> {
         if active.len >= PACK_TARGET {
             let next = ActivePack::create(&self.dir, active.id + 1)?;
             self.readers.insert(next.id, next.file.clone());
@@ -201,6 +206,20 @@ impl ChunkStore {
     /// The pack new records go to. It and every later pack are never compacted.
     pub(crate) fn active_pack(&self) -> u32 {
         self.active.lock().unwrap_or_else(|p| p.into_inner()).id
+    }
+
+    /// Starts a new active pack so that the current one, `(id, size)`, can be compacted.
+    /// `None` if the active pack is empty. Every record in the sealed pack already has its
+    /// index entry: `put_hashed` inserts it before releasing the active lock.
+    pub(crate) fn seal_active(&self) -> Result<Option<(u32, u64)>> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.len == 0 {
+            return Ok(None);
+        }
+        let next = ActivePack::create(&self.dir, active.id + 1)?;
+        self.readers.insert(next.id, next.file.clone());
+        let old = std::mem::replace(&mut *active, next);
+        Ok(Some((old.id, old.len)))
     }
 
     /// Appends a copy of chunk `id` (already verified `data`) to the active pack without

@@ -58,14 +58,28 @@ pub struct Reply {
     pub errno: i32,
 }
 
+/// Tells the kernel to forget a cached name (`parent`, `name`), or, with an empty name,
+/// everything cached about inode `parent`. Set by the FUSE mount.
+pub type Invalidator = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
+
 /// Answers one request against the datastore.
 pub fn handle(ds: &Datastore, req: Request) -> Result<serde_json::Value> {
+    handle_with(ds, req, &|_, _| {})
+}
+
+/// Answers one request, invalidating kernel caches of what it replaced.
+pub fn handle_with(
+    ds: &Datastore,
+    req: Request,
+    invalidate: &dyn Fn(u64, &[u8]),
+) -> Result<serde_json::Value> {
     match req {
         Request::Stats => Ok(json(&ds.stats()?)),
         Request::Clone { src, dst, force } => {
             let (view, src_ino) = ds.resolve_view(&src)?;
             let (parent, name) = ds.resolve_parent(&dst)?;
             let attr = ds.clone_from(view, src_ino, parent, name, force)?;
+            invalidate(parent.0, name);
             Ok(serde_json::json!({ "ino": attr.ino.0 }))
         }
         Request::Du { paths } => {
@@ -82,7 +96,10 @@ pub fn handle(ds: &Datastore, req: Request) -> Result<serde_json::Value> {
             Ok(serde_json::Value::Null)
         }
         Request::SnapshotRollback { name, force } => {
-            ds.snapshot_rollback(&name, force)?;
+            let touched = ds.snapshot_rollback(&name, force)?;
+            for (parent, name) in touched {
+                invalidate(parent.0, &name);
+            }
             Ok(serde_json::Value::Null)
         }
     }
@@ -93,7 +110,7 @@ fn json<T: Serialize>(v: &T) -> serde_json::Value {
 }
 
 /// Starts serving the control socket of `ds` on a background thread.
-pub fn serve(ds: Arc<Datastore>) -> Result<PathBuf> {
+pub fn serve(ds: Arc<Datastore>, invalidate: Invalidator) -> Result<PathBuf> {
     let path = ds.path().join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
@@ -110,10 +127,11 @@ pub fn serve(ds: Arc<Datastore>) -> Result<PathBuf> {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let Some(ds) = weak.upgrade() else { return };
+                let invalidate = invalidate.clone();
                 let _ = std::thread::Builder::new()
                     .name("thinfs-control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = answer(&ds, conn) {
+                        if let Err(e) = answer(&ds, conn, &*invalidate) {
                             tracing::warn!("control connection: {e}");
                         }
                     });
@@ -123,7 +141,11 @@ pub fn serve(ds: Arc<Datastore>) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn answer(ds: &Datastore, conn: UnixStream) -> std::io::Result<()> {
+fn answer(
+    ds: &Datastore,
+    conn: UnixStream,
+    invalidate: &dyn Fn(u64, &[u8]),
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -134,7 +156,7 @@ fn answer(ds: &Datastore, conn: UnixStream) -> std::io::Result<()> {
             error: format!("bad request: {e}"),
             errno: libc::EINVAL,
         },
-        Ok(req) => match handle(ds, req) {
+        Ok(req) => match handle_with(ds, req, invalidate) {
             Ok(value) => Reply {
                 ok: true,
                 value,

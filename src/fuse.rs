@@ -52,11 +52,7 @@ impl ThinFuse {
         }
     }
 
-    fn listing(
-        &self,
-        ino: InodeNo,
-        fh: u64,
-    ) -> Result<Listing, FsError> {
+    fn listing(&self, ino: InodeNo, fh: u64) -> Result<Listing, FsError> {
         if let Some(l) = self.listings.get(&fh) {
             return Ok(l.clone());
         }
@@ -118,8 +114,24 @@ fn fuse_attr(a: &Attr) -> FileAttr {
 
 fn time_of(t: TimeOrNow) -> Timestamp {
     match t {
-        TimeOrNow::SpecificTime(t) => Timestamp::from_system(t),
+        TimeOrNow::SpecificTime(t) => kernel_time(t),
         TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+/// A time the kernel sent, as fuser decoded it. fuser 0.18 decodes a pre-1970 time
+/// (secs < 0, nsecs) as `EPOCH - (|secs| + nsecs)` instead of `EPOCH - |secs| + nsecs`;
+/// undo that here so utimensat round-trips exactly.
+fn kernel_time(t: SystemTime) -> Timestamp {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(_) => Timestamp::from_system(t),
+        Err(e) => {
+            let d = e.duration();
+            Timestamp {
+                secs: -(d.as_secs() as i64),
+                nsecs: d.subsec_nanos(),
+            }
+        }
     }
 }
 
@@ -212,7 +224,7 @@ impl Filesystem for ThinFuse {
             size,
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
-            ctime: ctime.map(Timestamp::from_system),
+            ctime: ctime.map(kernel_time),
         };
         let i = live!(reply, i);
         match self.ds.setattr(i, &set) {

@@ -26,6 +26,8 @@
 //!    chunks copied (verified) to the active pack; the copies are synced, the index
 //!    entries repointed only if they still point at the old copy, the index flushed, and
 //!    only then the pack deleted. Packs with nothing live are deleted after the flush.
+//!    If the active pack itself is that sparse (files written then deleted in this
+//!    session), a new active pack is started first so that it can be compacted too.
 //!
 //! Crash safety: every removal is of garbage, and every step that deletes bytes (a pack)
 //! follows a durable index in which nothing points at them, so a crash at any point loses
@@ -429,6 +431,35 @@ struct Doomed {
     live: Vec<(ChunkId, ChunkLoc)>,
 }
 
+/// Index entries per pack, for the packs in `packs` that `want` accepts.
+fn live_per_pack(
+    ds: &Datastore,
+    packs: &[u32],
+    want: impl Fn(u32) -> bool,
+) -> Result<BTreeMap<u32, Vec<(ChunkId, ChunkLoc)>>> {
+    let mut live: BTreeMap<u32, Vec<(ChunkId, ChunkLoc)>> = packs
+        .iter()
+        .filter(|p| want(**p))
+        .map(|p| (*p, Vec::new()))
+        .collect();
+    for entry in ds.meta().chunk_locs() {
+        let (id, loc) = entry?;
+        if let Some(v) = live.get_mut(&loc.pack) {
+            v.push((id, loc));
+        }
+    }
+    Ok(live)
+}
+
+/// Whether a pack of `size` bytes holding `entries` is due for compaction.
+fn sparse(entries: &[(ChunkId, ChunkLoc)], size: u64, threshold: f64) -> bool {
+    let live_bytes: u64 = entries
+        .iter()
+        .map(|(_, l)| l.len as u64 + pack::HEADER_LEN)
+        .sum();
+    entries.is_empty() || (live_bytes as f64) < threshold * size as f64
+}
+
 /// Copies the live chunks out of sparse packs and deletes packs with nothing live.
 fn compact(
     ds: &Datastore,
@@ -439,37 +470,31 @@ fn compact(
 ) -> Result<()> {
     let cs = ds.chunks();
     let meta = ds.meta();
+    let size_of = |p: u32| std::fs::metadata(pack::pack_path(cs.dir(), p)).map(|m| m.len());
     // The active pack and later ones are appended to; older ones never are again.
-    let active = cs.active_pack();
-    let mut live: BTreeMap<u32, Vec<(ChunkId, ChunkLoc)>> = pack::list_packs(cs.dir())?
-        .into_iter()
-        .filter(|p| *p < active)
-        .map(|p| (p, Vec::new()))
-        .collect();
-    if live.is_empty() {
-        return Ok(());
-    }
-    for entry in meta.chunk_locs() {
-        let (id, loc) = entry?;
-        if let Some(v) = live.get_mut(&loc.pack) {
-            v.push((id, loc));
+    let mut active = cs.active_pack();
+    let mut live = live_per_pack(ds, &pack::list_packs(cs.dir())?, |p| p <= active)?;
+    // A sparse active pack is sealed and compacted too, so that deleting what was just
+    // written gives the space back now rather than once the pack fills.
+    if let (Some(entries), Ok(size)) = (live.get(&active), size_of(active)) {
+        if size > 0 && sparse(entries, size, opts.compact_threshold) && cs.seal_active()?.is_some()
+        {
+            // Entries may have been added to the sealed pack since the scan: scan again.
+            active = cs.active_pack();
+            live = live_per_pack(ds, &pack::list_packs(cs.dir())?, |p| p < active)?;
         }
     }
+    live.retain(|p, _| *p < active);
     let mut doomed = Vec::new();
     for (p, entries) in live {
-        let path = pack::pack_path(cs.dir(), p);
-        let size = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
+        let size = match size_of(p) {
+            Ok(size) => size,
             Err(e) => {
-                tracing::warn!("gc: cannot stat {}: {e}", path.display());
+                tracing::warn!("gc: cannot stat pack {p}: {e}");
                 continue;
             }
         };
-        let live_bytes: u64 = entries
-            .iter()
-            .map(|(_, l)| l.len as u64 + pack::HEADER_LEN)
-            .sum();
-        if entries.is_empty() || (live_bytes as f64) < opts.compact_threshold * size as f64 {
+        if sparse(&entries, size, opts.compact_threshold) {
             doomed.push(Doomed {
                 pack: p,
                 live: entries,

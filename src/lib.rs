@@ -12,11 +12,13 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
 pub mod gc;
 pub mod ids;
 pub mod meta;
 pub mod mount;
+pub mod scrub;
 
 pub use error::{FsError, Result};
 pub use fs::{Attr, Datastore, OpenOptions, SetAttr};

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use fuser::{Config, SessionACL};
@@ -246,7 +247,21 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
             return Err(e).with_context(|| format!("starting FUSE at {}", mountpoint.display()));
         }
     };
-    if let Err(e) = crate::control::serve(ds.clone()) {
+    let notifier = session.notifier();
+    let invalidate: crate::control::Invalidator = Arc::new(move |parent, name| {
+        use std::os::unix::ffi::OsStrExt;
+        let done = if name.is_empty() {
+            notifier.inval_inode(fuser::INodeNo(parent), 0, 0)
+        } else {
+            notifier.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::from_bytes(name))
+        };
+        if let Err(e) = done {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!("kernel cache invalidation of {parent}: {e}");
+            }
+        }
+    });
+    if let Err(e) = crate::control::serve(ds.clone(), invalidate) {
         unmount(mountpoint);
         return Err(e.into());
     }

@@ -163,8 +163,9 @@ impl Datastore {
     }
 
     /// Makes the live tree equal to snapshot `name` (no data is copied). Refuses while
-    /// files are open unless `force`.
-    pub fn snapshot_rollback(&self, name: &str, force: bool) -> Result<()> {
+    /// files are open unless `force`. Returns the (directory, name) pairs and inodes
+    /// (with an empty name) whose kernel caches are now stale.
+    pub fn snapshot_rollback(&self, name: &str, force: bool) -> Result<Vec<(InodeNo, Vec<u8>)>> {
         let _ns = self.ns.lock();
         let rec = self
             .meta
@@ -191,6 +192,21 @@ impl Datastore {
                 locks.push(g);
             }
         }
+        // Names in the root before and after, and every cached inode, go stale.
+        let mut stale: Vec<(InodeNo, Vec<u8>)> = self
+            .meta
+            .dir_entries(InodeNo::ROOT, View::Live, None, usize::MAX)?
+            .into_iter()
+            .map(|(n, _)| (InodeNo::ROOT, n))
+            .collect();
+        stale.extend(
+            self.meta
+                .dir_entries(InodeNo::ROOT, View::At(Epoch(rec.epoch)), None, usize::MAX)?
+                .into_iter()
+                .map(|(n, _)| (InodeNo::ROOT, n)),
+        );
+        stale.extend(inos.iter().map(|i| (*i, Vec::new())));
+        stale.push((InodeNo::ROOT, Vec::new()));
         let mut batch = Batch::default();
         self.meta.rollback_batch(Epoch(rec.epoch), &mut batch)?;
         self.meta.commit(batch)?;
@@ -206,7 +222,8 @@ impl Datastore {
         drop(locks);
         self.evict(&inos);
         self.chunks.sync()?;
-        self.meta.flush()
+        self.meta.flush()?;
+        Ok(stale)
     }
 
     fn snap_record(&self, index: u32) -> Result<SnapshotRecord> {
