@@ -30,8 +30,8 @@ if [ "$need_apt" -eq 1 ]; then
     fi
     log "installing ${PACKAGES[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+    apt-get -o Acquire::Retries=3 update -qq
+    apt-get -o Acquire::Retries=3 install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 fi
 
 if [ ! -e /dev/fuse ]; then
