@@ -44,12 +44,15 @@ impl Datastore {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
+        // NFS re-export looks up "." of any node id (files too) to revalidate a handle.
+        if name == b"." {
+            return self.getattr(parent);
+        }
         let dir = self.inode(parent)?;
         if dir.kind != FileKind::Dir {
             return Err(FsError::NotDir);
         }
         let ino = match name {
-            b"." => parent,
             b".." => dir.parent,
             _ => {
                 self.meta

@@ -301,11 +301,13 @@ impl Datastore {
             },
             Node::Snap { index, ino } => {
                 let (dir, epoch) = self.snap_inode(index, ino)?;
+                if name == b"." {
+                    return Ok(self.snap_attr(index, &dir));
+                }
                 if dir.kind != FileKind::Dir {
                     return Err(FsError::NotDir);
                 }
                 let child = match name {
-                    b"." => ino,
                     b".." if ino == InodeNo::ROOT => return self.snapdir_attr(),
                     b".." => dir.parent,
                     _ => {
