@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages generated from these definitions into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Create, list, delete or roll back to snapshots of a whole mounted datastore.
     Snapshot {
         #[command(subcommand)]
@@ -125,4 +133,64 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 /// Subcommand names, for recognizing the `thinfs STORE MNT -o ...` form mount helpers use.
-pub const SUBCOMMANDS: &[&str] = &["mkfs", "mount", "stats", "clone", "du", "snapshot", "help"];
+pub const SUBCOMMANDS: &[&str] = &[
+    "mkfs",
+    "mount",
+    "stats",
+    "clone",
+    "du",
+    "snapshot",
+    "completions",
+    "man",
+    "help",
+];
+
+/// The man pages generated from the clap definitions: `thinfs.8` and one
+/// `thinfs-<subcommand>.8` per visible subcommand (nested ones too), as (file name, roff).
+pub fn man_pages() -> Vec<(String, Vec<u8>)> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    let cmd = Cli::command();
+    render(&cmd, "thinfs", &mut out);
+    out
+}
+
+fn render(cmd: &clap::Command, name: &str, out: &mut Vec<(String, Vec<u8>)>) {
+    let cmd = cmd.clone().name(name.to_string());
+    let mut buf = Vec::new();
+    // Rendering into a Vec cannot fail.
+    let _ = clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut buf);
+    out.push((format!("{name}.8"), buf));
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        render(sub, &format!("{name}-{}", sub.get_name()), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// man/ is generated: this fails when a flag changes without `thinfs man man/`.
+    #[test]
+    fn man_pages_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("man");
+        for (name, want) in man_pages() {
+            let have = std::fs::read(dir.join(&name)).unwrap_or_default();
+            assert!(
+                have == want,
+                "man/{name} is stale: run `cargo run -- man man/`"
+            );
+        }
+    }
+
+    #[test]
+    fn cli_definitions_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -102,6 +102,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Snapshot { action } => snapshot(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "thinfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, page) in thinfs::cli::man_pages() {
+                let path = dir.join(name);
+                std::fs::write(&path, page)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Command::Du { paths, json } => {
             let mut store = None;
             let mut rels = Vec::new();
