@@ -166,6 +166,8 @@ pub struct Datastore {
     /// Flushes hold it shared from storing chunks to committing the record that
     /// references them; a garbage collection takes it exclusively to start pinning.
     gc_gate: RwLock<()>,
+    /// Keeps the disk from filling up under sled.
+    space: crate::space::SpaceGuard,
     /// Name of the snapshot directory at the root.
     snapdir: Vec<u8>,
     pins: Arc<Pins>,
@@ -252,6 +254,7 @@ impl Datastore {
             root: path.to_path_buf(),
             maps: BlockMaps::new(meta.clone(), pins.clone()),
             gc_gate: RwLock::new(()),
+            space: crate::space::SpaceGuard::new(path.to_path_buf()),
             snapdir,
             pins,
             cfg,
@@ -432,7 +435,7 @@ impl Datastore {
             .map_err(|e| FsError::io(format!("statvfs {}", self.root.display()), e))?;
         let bs = self.cfg.block_size as u64;
         let used = self.used_bytes();
-        let avail = st.available_space();
+        let avail = self.space.available();
         Ok(FsStat {
             block_size: self.cfg.block_size,
             blocks: (used + avail) / bs,

@@ -19,6 +19,7 @@ pub mod ids;
 pub mod meta;
 pub mod mount;
 pub mod scrub;
+pub mod space;
 
 pub use error::{FsError, Result};
 pub use fs::{Attr, Datastore, OpenOptions, SetAttr};

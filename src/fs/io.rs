@@ -317,6 +317,10 @@ impl Datastore {
         if data.is_empty() {
             return Ok(0);
         }
+        if !is_zero(data) {
+            let pending = self.dirty_total.load(Ordering::Relaxed).max(0) as u64;
+            self.space.admit(data.len() as u64, pending)?;
+        }
         let bs = self.block_size();
         let mut pos = offset;
         while pos < end {
