@@ -91,15 +91,7 @@ impl Pins {
         remove: impl FnOnce(&[ChunkId]) -> Result<()>,
     ) -> Result<Vec<ChunkId>> {
         let set = self.set.lock();
-        let free: Vec<ChunkId> = ids
-            .iter()
-            .filter(|id| {
-                let _ = &set;
-                let _ = id;
-                true
-            })
-            .copied()
-            .collect();
+        let free: Vec<ChunkId> = ids.iter().filter(|id| !set.contains(id)).copied().collect();
         if !free.is_empty() {
             remove(&free)?;
         }
