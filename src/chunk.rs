@@ -249,6 +249,9 @@ impl ChunkStore {
             .remove(&id);
         std::fs::remove_file(&path)
             .map_err(|e| FsError::io(format!("deleting {}", path.display()), e))?;
+        // Again: a reader that opened the file just before the unlink may have cached it,
+        // and a cached handle would keep the deleted pack's space allocated.
+        self.readers.remove(&id);
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -282,5 +285,47 @@ mod tests {
         assert!(matches!(err, FsError::Corrupt { .. }), "{err}");
         let (recs, _) = pack::scan(&path).unwrap();
         assert_eq!(recs.len(), 1);
+    }
+
+    #[test]
+    fn relocation_primitives() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = dir.path().join("packs");
+        std::fs::create_dir(&packs).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let a = vec![1u8; 4096];
+        let id = {
+            let cs = ChunkStore::open(&packs, meta.clone(), Arc::default()).unwrap();
+            let id = cs.put(&a).unwrap();
+            cs.sync().unwrap();
+            id
+        };
+        let cs = ChunkStore::open(&packs, meta.clone(), Arc::default()).unwrap();
+        assert_eq!(cs.active_pack(), 1);
+        assert!(
+            cs.remove_pack(1).is_err(),
+            "the active pack is never removed"
+        );
+        let old = meta.chunk_loc(&id).unwrap().unwrap();
+        let new = cs
+            .append_copy(&id, &cs.read_loc(&id, &old).unwrap())
+            .unwrap();
+        assert_eq!(new.pack, 1);
+        cs.sync().unwrap();
+        // Only an entry that still points at the old copy is repointed.
+        assert!(!meta.replace_chunk_loc(&id, &new, &old).unwrap());
+        assert!(meta.replace_chunk_loc(&id, &old, &new).unwrap());
+        assert_eq!(cs.remove_pack(0).unwrap(), 4096 + pack::HEADER_LEN);
+        assert!(cs.read_loc(&id, &old).is_err());
+        assert_eq!(cs.get(&id).unwrap(), a);
+        // Sealing starts a new active pack; an empty one is not sealed.
+        assert_eq!(
+            cs.seal_active().unwrap(),
+            Some((1, 4096 + pack::HEADER_LEN))
+        );
+        assert_eq!(cs.active_pack(), 2);
+        assert_eq!(cs.seal_active().unwrap(), None);
+        assert_eq!(cs.remove_pack(1).unwrap(), 4096 + pack::HEADER_LEN);
+        assert_eq!(pack::list_packs(&packs).unwrap(), vec![2]);
     }
 }

@@ -244,7 +244,12 @@ impl Datastore {
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, ino: InodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
         let st = self.state(ino)?;
-        let out = {
+        // relatime: bump atime once after each modification, or daily.
+        let now = Timestamp::now();
+        let stale = |i: &crate::meta::Inode| {
+            i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs > 86400
+        };
+        let (out, bump) = {
             let g = st.read();
             match g.inode.kind {
                 FileKind::File => {}
@@ -255,15 +260,14 @@ impl Datastore {
             if offset >= end {
                 return Ok(Vec::new());
             }
-            self.read_range(&g, offset, end)?
+            (self.read_range(&g, offset, end)?, stale(&g.inode))
         };
-        // relatime: bump atime once after each modification, or daily.
-        let now = Timestamp::now();
-        let mut g = st.write();
-        let i = &g.inode;
-        if i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs > 86400 {
-            g.inode.atime = now;
-            g.attr_dirty = true;
+        if bump {
+            let mut g = st.write();
+            if stale(&g.inode) {
+                g.inode.atime = now;
+                g.attr_dirty = true;
+            }
         }
         Ok(out)
     }
