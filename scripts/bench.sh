@@ -45,6 +45,9 @@
 # default  ~15-20 min: 4 GiB files, 20 s timed jobs, 100,000 small files, fleet base 2 GiB,
 #          thinfs fleet at 16K, 64K and 128K.
 set -euo pipefail
+# The whole script is one brace group, so bash parses it completely before running any of it:
+# editing or updating this file during a run cannot break the run.
+{
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -145,7 +148,10 @@ LOG=$OUT/bench.log
 RUN=$WORK/run                 # per-run mounts, stores and files; removed at exit
 FLEET_SRC=$WORK/fleet-src     # generated fleet (kept only with --keep-fleet)
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" | tee -a "$LOG" >&2; }
+# Progress goes to fd 3 (the terminal's stderr) and the log, also from inside run's subshells,
+# whose own output is collected separately.
+exec 3>&2
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" | tee -a "$LOG" >&3; }
 note() { log "FAILED: $*"; printf '%s\n' "$*" >>"$ERRORS"; }
 
 # record JOB SYSTEM VALUE UNIT: one JSON line; a value that is not a number becomes null.
@@ -697,3 +703,5 @@ if has_job fleet && [ ${#OK_SYS[@]} -gt 0 ]; then
 fi
 
 make_report
+exit 0
+}
