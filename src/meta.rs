@@ -16,7 +16,7 @@ pub mod records;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 pub use records::{ChunkLoc, DirEntry, FileKind, Inode, MapRoot, SnapshotRecord, Timestamp};
 
@@ -42,6 +42,8 @@ pub struct Meta {
     epoch: AtomicU64,
     /// Epochs frozen by existing snapshots.
     snapshots: RwLock<BTreeSet<u64>>,
+    /// Batches with versioned writes hold it shared; snapshot creation exclusively.
+    epoch_gate: Arc<parking_lot::RwLock<()>>,
     /// GC support: inode versions dropped while a collection marks (see [`Dropped`]).
     dropped: Dropped,
 }
@@ -65,6 +67,9 @@ struct Dropped {
 pub struct Batch {
     inner: sled::Batch,
     empty: bool,
+    /// Held from the first versioned write until commit, so a snapshot cannot freeze the
+    /// epoch between choosing a version's epoch and committing it.
+    epoch_guard: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
 }
 
 impl Batch {
@@ -107,6 +112,7 @@ impl Meta {
             db,
             epoch: AtomicU64::new(1),
             snapshots: RwLock::new(BTreeSet::new()),
+            epoch_gate: Arc::default(),
             dropped: Dropped::default(),
         };
         let epoch = meta.counter("epoch")?.max(1);
@@ -187,6 +193,9 @@ impl Meta {
         prefix: &[u8],
         value: Option<Vec<u8>>,
     ) -> Result<()> {
+        if batch.epoch_guard.is_none() {
+            batch.epoch_guard = Some(self.epoch_gate.read_arc());
+        }
         let now = self.epoch();
         let snaps = self.snapshots.read().unwrap_or_else(|p| p.into_inner());
         let mut older_kept = false;
@@ -554,6 +563,7 @@ impl Meta {
     /// Freezes the current epoch as snapshot `name`; live writes continue in the next
     /// epoch. The caller excludes concurrent commits of versioned records.
     pub fn create_snapshot(&self, name: &str, created: Timestamp) -> Result<SnapshotRecord> {
+        let _frozen = self.epoch_gate.write();
         if self.db.get(keys::snapshot(name.as_bytes()))?.is_some() {
             return Err(FsError::Exists);
         }
