@@ -31,7 +31,7 @@ use crate::error::Result;
 use crate::fs::{Datastore, OpenOptions};
 use crate::ids::{ChunkId, InodeNo};
 use crate::meta::{ChunkLoc, FileKind, MapRoot};
-use crate::scrub::{self, DamagedBlock, DamagedChunk, DamagedNode, MAX_LISTED};
+use crate::scrub::{self, DamagedBlock, DamagedChunk, DamagedNode, NodeCheck, MAX_LISTED};
 
 /// What one pass of checks found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -285,9 +285,16 @@ impl MapCheck<'_> {
     }
 
     fn check_node(&mut self, id: ChunkId, level: u8) -> Result<Option<u64>> {
-        if let Some(problem) = scrub::verify_node(self.ds, &id)? {
-            self.bad.push((id, problem));
-            return Ok(None);
+        match scrub::verify_node(self.ds, &id)? {
+            NodeCheck::Good => {}
+            NodeCheck::Missing => {
+                self.bad.push((id, "missing".into()));
+                return Ok(None);
+            }
+            NodeCheck::Bad(problem) => {
+                self.bad.push((id, problem));
+                return Ok(None);
+            }
         }
         let entries = self.ds.maps().load(&id)?;
         if entries.windows(2).any(|w| w[0].slot >= w[1].slot) {

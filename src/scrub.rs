@@ -142,7 +142,8 @@ pub fn scrub(
     for id in meta.node_ids() {
         let id = id?;
         report.nodes_checked += 1;
-        if let Some(detail) = verify_node(ds, &id)? {
+        // Missing: removed by a concurrent GC since it was listed.
+        if let NodeCheck::Bad(detail) = verify_node(ds, &id)? {
             tracing::error!("scrub: block-map node {id}: {detail}");
             bad_nodes.insert(id);
             report.damaged_nodes.push(DamagedNode {
@@ -196,19 +197,28 @@ pub(crate) fn verify_chunk(
     }
 }
 
-/// Checks one stored node: present, named by the hash of its bytes, decodable. Returns
-/// what is wrong, or `None`.
-pub(crate) fn verify_node(ds: &Datastore, id: &ChunkId) -> Result<Option<String>> {
+/// What [`verify_node`] found.
+pub(crate) enum NodeCheck {
+    Good,
+    Missing,
+    /// Present but not named by the hash of its bytes, or undecodable.
+    Bad(String),
+}
+
+/// Checks one stored node: present, named by the hash of its bytes, decodable.
+pub(crate) fn verify_node(ds: &Datastore, id: &ChunkId) -> Result<NodeCheck> {
     let Some(bytes) = ds.meta().node(id)? else {
-        return Ok(Some("missing".into()));
+        return Ok(NodeCheck::Missing);
     };
     if ChunkId::of(&bytes) != *id {
-        return Ok(Some("stored bytes do not match the node's hash".into()));
+        return Ok(NodeCheck::Bad(
+            "stored bytes do not match the node's hash".into(),
+        ));
     }
     if let Err(e) = ds.maps().load(id) {
-        return Ok(Some(e.to_string()));
+        return Ok(NodeCheck::Bad(e.to_string()));
     }
-    Ok(None)
+    Ok(NodeCheck::Good)
 }
 
 /// Blocks covered by one slot of a node at `level`.
@@ -294,6 +304,12 @@ pub(crate) fn locate(
     Ok((out, total))
 }
 
+enum Usable {
+    Entries(std::sync::Arc<Vec<crate::blockmap::Entry>>),
+    Damaged,
+    Gone,
+}
+
 /// Walks block maps looking for damaged ids, skipping subtrees known to be clean.
 struct Finder<'a> {
     ds: &'a Datastore,
@@ -320,8 +336,9 @@ impl Finder<'_> {
             return Ok(());
         }
         let entries = match self.usable(&id) {
-            Some(e) => e,
-            None => {
+            Usable::Entries(e) => e,
+            Usable::Gone => return Ok(()),
+            Usable::Damaged => {
                 out.push((base, span(level).saturating_mul(FANOUT), id, true));
                 return Ok(());
             }
@@ -340,12 +357,17 @@ impl Finder<'_> {
         Ok(())
     }
 
-    /// The node's entries, unless it is damaged or unreadable.
-    fn usable(&self, id: &ChunkId) -> Option<std::sync::Arc<Vec<crate::blockmap::Entry>>> {
+    /// The node's entries, unless it is one of the damaged ones. A node that is not but
+    /// cannot be loaded went away since the caller listed the damage (a concurrent GC
+    /// swept a version dropped meanwhile): nothing to report under it.
+    fn usable(&self, id: &ChunkId) -> Usable {
         if self.nodes.contains(id) {
-            return None;
+            return Usable::Damaged;
         }
-        self.ds.maps().load(id).ok()
+        match self.ds.maps().load(id) {
+            Ok(e) => Usable::Entries(e),
+            Err(_) => Usable::Gone,
+        }
     }
 
     /// Whether the subtree under node `id` holds a damaged chunk or node.
@@ -354,9 +376,12 @@ impl Finder<'_> {
             return Ok(*d);
         }
         let d = match self.usable(&id) {
-            None => true,
-            Some(entries) if level == 1 => entries.iter().any(|e| self.chunks.contains(&e.id)),
-            Some(entries) => {
+            Usable::Damaged => true,
+            Usable::Gone => false,
+            Usable::Entries(entries) if level == 1 => {
+                entries.iter().any(|e| self.chunks.contains(&e.id))
+            }
+            Usable::Entries(entries) => {
                 let mut any = false;
                 for e in entries.iter() {
                     any |= self.dirty(e.id, level - 1)?;
