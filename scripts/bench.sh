@@ -185,7 +185,9 @@ run() {
     set -e
     cat "$tmp" >>"$LOG"
     if [ "$rc" -ne 0 ]; then
-        note "$name [$sys]: exit $rc: $(grep -v '^\s*$' "$tmp" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+        local msg
+        msg=$(grep -v '^\s*$' "$tmp" | tail -n 2 | tr '\n' ' ' | cut -c1-300 || true)
+        note "$name [$sys]: exit $rc: ${msg:-(no output)} (see $LOG)"
     fi
     rm -f "$tmp"
     RUN_RC=$rc
@@ -227,9 +229,10 @@ build_thinfs() {
     if [ -z "$THINFS" ]; then THINFS=$REPO/target/release/thinfs; fi
     if [ "$BUILD" = 1 ]; then
         log "building thinfs (cargo build --release)"
-        (cd "$REPO" && tmo nice -n 10 cargo build --release --bin thinfs) >>"$LOG" 2>&1 || return 1
+        (cd "$REPO" && tmo nice -n 10 cargo build --release --bin thinfs) >>"$LOG" 2>&1 ||
+            { echo "cargo build --release failed"; return 1; }
     fi
-    [ -x "$THINFS" ]
+    [ -x "$THINFS" ] || { echo "no thinfs binary at $THINFS"; return 1; }
 }
 
 # ---------------------------------------------------------------------------------------

@@ -86,7 +86,11 @@ def main():
         line = [job, shown_unit] + [fmt(None if v is None else v / scale) for v in vals]
         if ratio:
             t, b = cells.get((job, "thinfs")), cells.get((job, "bindfs"))
-            line.append("{:.2f}".format(t / b) if t is not None and b not in (None, 0) else "n/a")
+            if t is not None and b not in (None, 0):
+                r = t / b
+                line.append("{:.2f}".format(r) if abs(r) >= 0.1 or r == 0 else "{:.2g}".format(r))
+            else:
+                line.append("n/a")
         out.append("| " + " | ".join(line) + " |")
     if a.notes:
         try:
