@@ -41,9 +41,14 @@
 # A job that fails records nothing for that system (n/a in the table) and a line in
 # OUT/errors.log; the run goes on. Everything mounted is unmounted on exit (trap).
 #
-# --quick  ~2-3 min: 256 MiB files, 3 s timed jobs, 2000 small files, fleet base 256 MiB.
-# default  ~15-20 min: 4 GiB files, 20 s timed jobs, 100,000 small files, fleet base 2 GiB,
-#          thinfs fleet at 16K, 64K and 128K.
+# --quick  256 MiB files, 3 s timed jobs, 2000 small files, fleet base 256 MiB (2.75 GiB
+#          ingested per system): about 4 min on a busy 2-core machine.
+# default  4 GiB files, 20 s timed jobs, 100,000 small files, clones of 1 MiB/1 GiB/8 GiB,
+#          fleet base 2 GiB (22 GiB ingested per system), thinfs fleet at 16K, 64K and 128K.
+#          Estimated 40-45 min on 2 cores: JuiceFS alone needs ~10 min for 100,000 file
+#          creates + unlinks (~300-450 ops/s) and the fleet ~15 min in all (generation ~3.5
+#          min, ~2.5 min per thinfs block size). --nfiles 20000 and --fleet-bs 16K cut it to
+#          ~25 min.
 set -euo pipefail
 # The whole script is one brace group, so bash parses it completely before running any of it:
 # editing or updating this file during a run cannot break the run.
