@@ -614,6 +614,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if [ "$(id -u)" != 0 ]; then log "warning: not root: cannot drop caches or install packages"; fi
+# Peak disk use: the fleet source plus one system's full copy of it (or 4 job files + clones).
+NEED_GIB=$(( (FLEET_BASE_MIB * (FLEET_COPIES + 1) * 2 + 1023) / 1024 + 4 ))
+FREE_GIB=$(( $(df --output=avail -k "$WORK" | tail -n1) / 1024 / 1024 ))
+if [ "$FREE_GIB" -lt "$NEED_GIB" ]; then
+    log "warning: $FREE_GIB GiB free under $WORK, this run needs about $NEED_GIB GiB"
+fi
 JUICEFS=""
 OK_SYS=()
 if [ "$SETUP" = 1 ]; then
