@@ -187,8 +187,10 @@ impl BlockMaps {
         let id = ChunkId::of(&bytes);
         let count = entries.iter().map(|e| e.count).sum();
         self.pins.pin(&id);
+        // Always written, even when cached: the cache may hold a node whose batch never
+        // committed (a full disk) or that GC has since removed.
+        self.meta.put_node(batch, &id, bytes);
         if !self.cache.contains_key(&id) {
-            self.meta.put_node(batch, &id, bytes);
             self.cache_put(id, Arc::new(entries));
         }
         Some((id, count))

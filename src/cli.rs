@@ -66,6 +66,46 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reclaim chunks and block-map nodes no file, clone or snapshot reaches, and compact
+    /// pack files (also runs in the background of a mount).
+    Gc {
+        /// A store directory (unmounted) or a mountpoint.
+        target: Option<PathBuf>,
+        /// The thinfs mountpoint (default: the mount holding the current directory).
+        #[arg(long, conflicts_with = "target")]
+        mount: Option<PathBuf>,
+        /// Rewrite packs whose live share is below this fraction.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f64,
+        /// Limit compaction I/O (bytes per second, e.g. 64M).
+        #[arg(long, value_parser = parse_rate)]
+        max_rate: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every chunk against its BLAKE3 name; list damaged files and offsets (exit 1
+    /// if any). Runs on a mounted store without stopping it.
+    Scrub {
+        /// A store directory (unmounted) or a mountpoint.
+        target: PathBuf,
+        /// Limit verification I/O (bytes per second, e.g. 200M).
+        #[arg(long, value_parser = parse_rate)]
+        max_rate: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an unmounted store: references, index, reachability, leaks (exit 1 if not
+    /// clean). --repair rebuilds the chunk index from the pack files.
+    Fsck {
+        store: PathBuf,
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -125,6 +165,10 @@ pub enum SnapshotCmd {
     },
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    crate::config::parse_size(s)
+}
+
 fn parse_block_size(s: &str) -> Result<u32, String> {
     let n = crate::config::parse_size(s)?;
     let n = u32::try_from(n).map_err(|_| format!("block size {s} is too large"))?;
@@ -132,18 +176,15 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// Subcommand names, for recognizing the `thinfs STORE MNT -o ...` form mount helpers use.
-pub const SUBCOMMANDS: &[&str] = &[
-    "mkfs",
-    "mount",
-    "stats",
-    "clone",
-    "du",
-    "snapshot",
-    "completions",
-    "man",
-    "help",
-];
+/// Whether `word` names a subcommand (else `thinfs STORE MNT -o ...` is the mount helper
+/// form).
+pub fn is_subcommand(word: &str) -> bool {
+    use clap::CommandFactory;
+    word == "help"
+        || Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == word)
+}
 
 /// The man pages generated from the clap definitions: `thinfs.8` and one
 /// `thinfs-<subcommand>.8` per visible subcommand (nested ones too), as (file name, roff).

@@ -44,6 +44,21 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    Gc {
+        compact_threshold: Option<f64>,
+        max_bytes_per_sec: Option<u64>,
+    },
+    Scrub {
+        max_bytes_per_sec: Option<u64>,
+    },
+}
+
+/// A progress line the daemon streams before its reply to long requests.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    pub progress: String,
+    pub done: u64,
+    pub total: u64,
 }
 
 /// The daemon's answer: a JSON value, or an error with its errno.
@@ -73,7 +88,46 @@ pub fn handle_with(
     req: Request,
     invalidate: &dyn Fn(u64, &[u8]),
 ) -> Result<serde_json::Value> {
+    handle_streaming(ds, req, invalidate, &|_| {})
+}
+
+/// Answers one request, reporting progress of long ones through `progress`.
+pub fn handle_streaming(
+    ds: &Datastore,
+    req: Request,
+    invalidate: &dyn Fn(u64, &[u8]),
+    progress: &dyn Fn(Progress),
+) -> Result<serde_json::Value> {
     match req {
+        Request::Gc {
+            compact_threshold,
+            max_bytes_per_sec,
+        } => {
+            let mut opts = crate::gc::GcOptions::default();
+            if let Some(t) = compact_threshold {
+                opts.compact_threshold = t;
+            }
+            opts.max_bytes_per_sec = max_bytes_per_sec;
+            let report = crate::gc::collect(ds, &opts, &|p| {
+                progress(Progress {
+                    progress: format!("{:?}", p.phase).to_lowercase(),
+                    done: p.done,
+                    total: p.total,
+                })
+            })?;
+            Ok(json(&report))
+        }
+        Request::Scrub { max_bytes_per_sec } => {
+            let opts = crate::scrub::ScrubOptions { max_bytes_per_sec };
+            let report = crate::scrub::scrub(ds, &opts, &|done, total| {
+                progress(Progress {
+                    progress: "verify".into(),
+                    done,
+                    total,
+                })
+            })?;
+            Ok(json(&report))
+        }
         Request::Stats => Ok(json(&ds.stats()?)),
         Request::Clone { src, dst, force } => {
             let (view, src_ino) = ds.resolve_view(&src)?;
@@ -149,6 +203,23 @@ fn answer(
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    let progress_conn = std::sync::Mutex::new(conn.try_clone()?);
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let progress = |p: Progress| {
+        // At most ten lines a second; a client that went away just stops getting them.
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() < std::time::Duration::from_millis(100) && p.done < p.total {
+            return;
+        }
+        *last = std::time::Instant::now();
+        if let Ok(mut out) = serde_json::to_vec(&p) {
+            out.push(b'\n');
+            let _ = progress_conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(&out);
+        }
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply {
             ok: false,
@@ -156,7 +227,7 @@ fn answer(
             error: format!("bad request: {e}"),
             errno: libc::EINVAL,
         },
-        Ok(req) => match handle_with(ds, req, invalidate) {
+        Ok(req) => match handle_streaming(ds, req, invalidate, &progress) {
             Ok(value) => Reply {
                 ok: true,
                 value,
@@ -179,6 +250,15 @@ fn answer(
 
 /// Sends a request to the daemon serving `store`.
 pub fn call(store: &Path, req: &Request) -> std::result::Result<Reply, String> {
+    call_with_progress(store, req, &|_| {})
+}
+
+/// Like [`call`], passing the daemon's progress lines to `progress`.
+pub fn call_with_progress(
+    store: &Path,
+    req: &Request,
+    progress: &dyn Fn(Progress),
+) -> std::result::Result<Reply, String> {
     let path = store.join(SOCKET);
     let mut conn = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -191,11 +271,25 @@ pub fn call(store: &Path, req: &Request) -> std::result::Result<Reply, String> {
     line.push(b'\n');
     conn.write_all(&line)
         .map_err(|e| format!("sending to {}: {e}", path.display()))?;
-    let mut reply = String::new();
-    BufReader::new(conn)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reading from {}: {e}", path.display()))?;
-    serde_json::from_str(&reply).map_err(|e| format!("bad reply from {}: {e}", path.display()))
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut reply = String::new();
+        let n = reader
+            .read_line(&mut reply)
+            .map_err(|e| format!("reading from {}: {e}", path.display()))?;
+        if n == 0 {
+            return Err(format!(
+                "the daemon at {} closed the connection without a reply",
+                path.display()
+            ));
+        }
+        if let Ok(p) = serde_json::from_str::<Progress>(&reply) {
+            progress(p);
+            continue;
+        }
+        return serde_json::from_str(&reply)
+            .map_err(|e| format!("bad reply from {}: {e}", path.display()));
+    }
 }
 
 /// A thinfs mount found in /proc/self/mountinfo.

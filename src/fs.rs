@@ -306,11 +306,6 @@ impl Datastore {
         self.pins.begin();
     }
 
-    /// Whether a chunk or node was stored or reused since [`Datastore::gc_begin`].
-    pub(crate) fn gc_pinned(&self, id: &ChunkId) -> bool {
-        self.pins.contains(id)
-    }
-
     /// Stops pinning.
     pub(crate) fn gc_end(&self) {
         self.pins.end();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use thinfs::cli::{Cli, Command, SnapshotCmd, SUBCOMMANDS};
+use thinfs::cli::{is_subcommand, Cli, Command, SnapshotCmd};
 use thinfs::control::{self, Request};
 use thinfs::fs::{Datastore, OpenOptions};
 
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 /// mount.fuse3 runs `thinfs STORE MNT -o opts`: that is `thinfs mount STORE MNT -o opts`.
 fn helper_form(mut args: Vec<String>) -> Vec<String> {
     if let Some(first) = args.get(1) {
-        if !first.starts_with('-') && !SUBCOMMANDS.contains(&first.as_str()) && args.len() >= 3 {
+        if !first.starts_with('-') && !is_subcommand(first) && args.len() >= 3 {
             args.insert(1, "mount".into());
         }
     }
@@ -102,6 +102,158 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Snapshot { action } => snapshot(action),
+        Command::Gc {
+            target,
+            mount,
+            threshold,
+            max_rate,
+            json,
+        } => {
+            let (store, mounted) = match (target, mount) {
+                (Some(t), _) => store_of(&t)?,
+                (None, m) => (mount_store(m)?, true),
+            };
+            let report = if mounted {
+                let req = Request::Gc {
+                    compact_threshold: Some(threshold),
+                    max_bytes_per_sec: max_rate,
+                };
+                with_bar(json, "gc", |cb| call_progress(&store, &req, cb))?
+            } else {
+                let ds = Datastore::open(
+                    &store,
+                    &OpenOptions {
+                        no_background: true,
+                        ..Default::default()
+                    },
+                )?;
+                let opts = thinfs::gc::GcOptions {
+                    compact_threshold: threshold,
+                    max_bytes_per_sec: max_rate,
+                    ..Default::default()
+                };
+                with_bar(json, "gc", |cb| {
+                    let r = thinfs::gc::collect(&ds, &opts, &|p| {
+                        cb(control::Progress {
+                            progress: format!("{:?}", p.phase).to_lowercase(),
+                            done: p.done,
+                            total: p.total,
+                        })
+                    })?;
+                    Ok(serde_json::to_value(r)?)
+                })?
+            };
+            if json {
+                println!("{report}");
+            } else {
+                let g = |k: &str| report.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                println!(
+                    "freed {} ({} chunks, {} nodes, {} packs deleted, {} compacted, {} relocated) in {} ms",
+                    human(g("bytes_freed")),
+                    g("chunks_freed"),
+                    g("nodes_freed"),
+                    g("packs_deleted"),
+                    g("packs_compacted"),
+                    human(g("bytes_relocated")),
+                    g("duration_ms")
+                );
+            }
+            Ok(())
+        }
+        Command::Scrub {
+            target,
+            max_rate,
+            json,
+        } => {
+            let (store, mounted) = store_of(&target)?;
+            let report = if mounted {
+                with_bar(json, "scrub", |cb| {
+                    call_progress(
+                        &store,
+                        &Request::Scrub {
+                            max_bytes_per_sec: max_rate,
+                        },
+                        cb,
+                    )
+                })?
+            } else {
+                let ds = Datastore::open(
+                    &store,
+                    &OpenOptions {
+                        no_background: true,
+                        ..Default::default()
+                    },
+                )?;
+                let opts = thinfs::scrub::ScrubOptions {
+                    max_bytes_per_sec: max_rate,
+                };
+                with_bar(json, "scrub", |cb| {
+                    let r = thinfs::scrub::scrub(&ds, &opts, &|done, total| {
+                        cb(control::Progress {
+                            progress: "verify".into(),
+                            done,
+                            total,
+                        })
+                    })?;
+                    Ok(serde_json::to_value(r)?)
+                })?
+            };
+            let clean = report
+                .get("clean")
+                .and_then(|c| c.as_bool())
+                .unwrap_or(false);
+            if json {
+                println!("{report}");
+            } else {
+                let g = |k: &str| report.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                println!(
+                    "verified {} chunks ({}), {} nodes",
+                    g("chunks_checked"),
+                    human(g("bytes_checked")),
+                    g("nodes_checked")
+                );
+                for b in report["damaged_blocks"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    let path = b["path"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("inode {}", b["ino"]));
+                    println!(
+                        "DAMAGED {path} offset {} length {} ({})",
+                        b["offset"],
+                        b["length"],
+                        b["id"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if !clean {
+                bail!("scrub found damaged data");
+            }
+            Ok(())
+        }
+        Command::Fsck {
+            store,
+            repair,
+            json,
+        } => {
+            let report = thinfs::fsck::fsck(&store, repair)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            if !report.clean {
+                bail!(
+                    "{} is not clean{}",
+                    store.display(),
+                    if repair { " after repair" } else { "" }
+                );
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "thinfs", &mut std::io::stdout());
@@ -261,6 +413,43 @@ fn store_of(target: &Path) -> Result<(PathBuf, bool)> {
     }
     let mounted = control::mounts().iter().any(|m| m.store == abs);
     Ok((abs, mounted))
+}
+
+/// Runs `work`, showing its progress as a bar on stderr unless printing JSON.
+fn with_bar(
+    quiet: bool,
+    what: &str,
+    work: impl FnOnce(&dyn Fn(control::Progress)) -> Result<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let bar = if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} {msg:8} [{bar:40}] {pos}/{len} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_string());
+    let out = work(&|p| {
+        bar.set_message(p.progress.clone());
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    });
+    bar.finish_and_clear();
+    out
+}
+
+fn call_progress(
+    store: &Path,
+    req: &Request,
+    progress: &dyn Fn(control::Progress),
+) -> Result<serde_json::Value> {
+    let reply = control::call_with_progress(store, req, progress).map_err(|e| anyhow!(e))?;
+    if !reply.ok {
+        bail!("{} (errno {})", reply.error, reply.errno);
+    }
+    Ok(reply.value)
 }
 
 fn call(store: &Path, req: &Request) -> Result<serde_json::Value> {

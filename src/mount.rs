@@ -27,6 +27,10 @@ pub struct MountOpts {
     pub flags: libc::c_ulong,
     /// `snapdir=NAME`: the snapshot directory's name for this mount.
     pub snapdir: Option<String>,
+    /// `gc_interval=SECS`: background GC period (0 turns it off).
+    pub gc_interval: u64,
+    /// `gc_rate=BYTES`: background GC compaction I/O limit per second.
+    pub gc_rate: Option<u64>,
 }
 
 impl Default for MountOpts {
@@ -35,6 +39,8 @@ impl Default for MountOpts {
             acl: SessionACL::Owner,
             flags: libc::MS_NOSUID | libc::MS_NODEV,
             snapdir: None,
+            gc_interval: 600,
+            gc_rate: Some(64 << 20),
         }
     }
 }
@@ -51,6 +57,14 @@ pub fn parse_options(lists: &[String]) -> Result<MountOpts> {
         let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
         match key {
             "snapdir" => o.snapdir = Some(value.to_string()),
+            "gc_interval" => {
+                o.gc_interval = value
+                    .parse()
+                    .with_context(|| format!("gc_interval={value}: seconds expected"))?
+            }
+            "gc_rate" => {
+                o.gc_rate = Some(crate::config::parse_size(value).map_err(anyhow::Error::msg)?)
+            }
             "allow_other" => o.acl = SessionACL::All,
             "allow_root" => o.acl = SessionACL::RootAndOwner,
             "ro" => o.flags |= libc::MS_RDONLY,
@@ -266,6 +280,7 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
         return Err(e.into());
     }
     spawn_signal_thread(mountpoint.to_path_buf());
+    spawn_background_gc(&ds, opts.gc_interval, opts.gc_rate);
     notify_ready(store);
     tracing::info!("mounted {} at {}", store.display(), mountpoint.display());
     let served = session.run();
@@ -295,6 +310,37 @@ fn notify_ready(store: &Path) {
         unsafe { libc::dup2(f.as_raw_fd(), 2) };
     }
     let _ = pipe.write_all(b"1");
+}
+
+/// Collects garbage every `interval` seconds at a bounded pace, on one thread.
+fn spawn_background_gc(ds: &Arc<Datastore>, interval: u64, rate: Option<u64>) {
+    if interval == 0 {
+        return;
+    }
+    let weak = Arc::downgrade(ds);
+    let _ = std::thread::Builder::new()
+        .name("thinfs-gc".into())
+        .spawn(move || loop {
+            for _ in 0..interval {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if weak.strong_count() == 0 {
+                    return;
+                }
+            }
+            let Some(ds) = weak.upgrade() else { return };
+            let opts = crate::gc::GcOptions {
+                max_bytes_per_sec: rate,
+                ..Default::default()
+            };
+            match crate::gc::collect(&ds, &opts, &|_| {}) {
+                Ok(r) if r.bytes_freed > 0 => {
+                    tracing::info!("background gc freed {} bytes", r.bytes_freed)
+                }
+                Ok(_) => {}
+                Err(crate::error::FsError::Busy(_)) => {}
+                Err(e) => tracing::warn!("background gc: {e}"),
+            }
+        });
 }
 
 fn signal_set() -> libc::sigset_t {

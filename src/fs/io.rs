@@ -461,6 +461,7 @@ impl Datastore {
                 FsError::Invalid("not a regular file".into())
             });
         }
+        let _gate = self.gc_gate.read(); // new nodes commit before a GC starts
         let mut batch = Batch::default();
         if mode & FALLOC_PUNCH_HOLE != 0 {
             if !keep_size || mode & FALLOC_ZERO_RANGE != 0 {
@@ -588,6 +589,7 @@ impl Datastore {
                 return Err(FsError::Invalid("copy target is not a regular file".into()));
             }
             self.flush_state(&mut g)?;
+            let _gate = self.gc_gate.read(); // new nodes commit before a GC starts
             let mut batch = Batch::default();
             let (d_first, d_last) = (
                 (first as i64 + delta_blocks) as u64,

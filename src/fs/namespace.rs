@@ -492,6 +492,8 @@ impl Datastore {
     pub fn setattr(&self, ino: InodeNo, set: &SetAttr) -> Result<Attr> {
         let _ns = self.ns.lock();
         let mut g = self.lock(ino)?;
+        // New block-map nodes must be committed before a GC can start (see gc.rs).
+        let _gate = self.gc_gate.read();
         let mut batch = Batch::default();
         let now = Timestamp::now();
         if let Some(size) = set.size {
