@@ -490,6 +490,10 @@ fn print_stats(v: &serde_json::Value, json: bool) {
     println!("metadata     {}", human(g("meta_bytes")));
     println!("chunks       {}", g("chunks"));
     println!(
+        "garbage      {} (reclaimable by thinfs gc)",
+        human(g("garbage_bytes"))
+    );
+    println!(
         "dedup ratio  {:.2}x",
         v.get("dedup_ratio").and_then(|x| x.as_f64()).unwrap_or(1.0)
     );

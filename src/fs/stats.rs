@@ -26,6 +26,8 @@ pub struct Stats {
     pub meta_bytes: u64,
     pub chunks: u64,
     pub packs: u64,
+    /// Pack bytes no file, clone or snapshot reaches: what `thinfs gc` would reclaim.
+    pub garbage_bytes: u64,
     /// allocated / stored.
     pub dedup_ratio: f64,
 }
@@ -57,12 +59,17 @@ impl Datastore {
                 allocated += inode.data_blocks() * bs;
             }
         }
-        let (mut chunks, mut stored) = (0u64, 0u64);
+        let (reachable, _) = self.reachable()?;
+        let (mut chunks, mut stored, mut live_pack_bytes) = (0u64, 0u64, 0u64);
         for entry in self.meta.chunk_locs() {
-            let (_, loc) = entry?;
+            let (id, loc) = entry?;
             chunks += 1;
             stored += loc.len as u64;
+            if reachable.contains(&id) {
+                live_pack_bytes += loc.len as u64 + crate::chunk::pack::HEADER_LEN;
+            }
         }
+        let pack_bytes = super::dir_bytes(self.chunks.dir());
         let packs = crate::chunk::pack::list_packs(self.chunks.dir())?.len() as u64;
         Ok(Stats {
             block_size: bs,
@@ -70,7 +77,8 @@ impl Datastore {
             logical_bytes: logical,
             allocated_bytes: allocated,
             stored_bytes: stored,
-            pack_bytes: super::dir_bytes(self.chunks.dir()),
+            pack_bytes,
+            garbage_bytes: pack_bytes.saturating_sub(live_pack_bytes),
             meta_bytes: self.meta.size_on_disk(),
             chunks,
             packs,
