@@ -289,7 +289,10 @@ fn data_extents(f: &File) -> Vec<(u64, u64)> {
 }
 
 /// SEEK_DATA and SEEK_HOLE answers (offset or errno) at each of `probes`.
-fn seek_answers(f: &File, probes: &[u64]) -> Vec<(u64, Result<u64, i32>, Result<u64, i32>)> {
+/// (offset, SEEK_DATA answer, SEEK_HOLE answer); errors as errno.
+type SeekAnswer = (u64, Result<u64, i32>, Result<u64, i32>);
+
+fn seek_answers(f: &File, probes: &[u64]) -> Vec<SeekAnswer> {
     probes
         .iter()
         .map(|&p| {
@@ -1533,6 +1536,11 @@ fn rollback_makes_the_live_tree_equal_to_the_snapshot() {
     assert_ne!(tree_snapshot(&m.mnt, ALL), expected);
 
     // A snapshot newer than the rollback target must survive the rollback unchanged.
+    assert_eq!(
+        fs::metadata(sp(&m, "good", "t/a/odd.bin")).unwrap().nlink(),
+        2,
+        "nlink in the snapshot after unlinking a hard link in the live tree"
+    );
     create_ok(&m, "newer");
     let newer = tree_snapshot(&m.mnt, ALL);
     assert_eq!(tree_snapshot(&sp(&m, "newer", ""), ALL), newer);
@@ -2464,4 +2472,123 @@ fn mkfs_snapshot_dir_sets_the_default_and_the_mount_option_overrides_it() {
         "mkfs --snapshot-dir .. was accepted: {}",
         describe(&out)
     );
+}
+
+// ---------------------------------------------------------------------------
+// Permissions and big listings
+// ---------------------------------------------------------------------------
+
+/// `sh -c SCRIPT` as user and group nobody (65534).
+fn as_nobody(script: &str) -> Output {
+    run_timeout(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ])
+            .arg(script),
+        CMD_TIMEOUT,
+    )
+}
+
+#[test]
+fn snapshot_files_keep_their_permissions_for_other_users() {
+    let m = Mount::with(MountOptions {
+        mount_args: vec!["-o".into(), "allow_other".into()],
+        ..MountOptions::default()
+    });
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    write_synced(&m.path("public"), b"public\n");
+    write_synced(&m.path("secret"), b"secret\n");
+    fs::set_permissions(m.path("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(m.path("private")).unwrap();
+    write_synced(&m.path("private/inside"), b"inside\n");
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    create_ok(&m, "s");
+    // Opened up in the live tree after the snapshot: the snapshot keeps the old modes.
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o755)).unwrap();
+
+    let snap = sp(&m, "s", "");
+    let out = as_nobody(&format!("cat '{}'", snap.join("public").display()));
+    assert!(
+        out.status.success() && out.stdout == b"public\n",
+        "nobody cannot read a 0644 snapshot file: {}",
+        describe(&out)
+    );
+    for (what, script) in [
+        (
+            "read a 0600 root file",
+            format!("cat '{}'", snap.join("secret").display()),
+        ),
+        (
+            "list a 0700 root dir",
+            format!("ls '{}'", snap.join("private").display()),
+        ),
+        (
+            "read inside a 0700 root dir",
+            format!("cat '{}'", snap.join("private/inside").display()),
+        ),
+    ] {
+        let out = as_nobody(&script);
+        assert!(
+            !out.status.success() && stderr_str(&out).contains("Permission denied"),
+            "nobody could {what} in a snapshot: {}",
+            describe(&out)
+        );
+    }
+    // Live: now readable.
+    let out = as_nobody(&format!("cat '{}'", m.path("secret").display()));
+    assert!(
+        out.status.success(),
+        "live secret after chmod: {}",
+        describe(&out)
+    );
+    // And nobody cannot write into a snapshot either (EROFS, or EACCES first).
+    let out = as_nobody(&format!("echo x > '{}'", snap.join("public").display()));
+    assert!(
+        !out.status.success(),
+        "nobody wrote into a snapshot: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn big_directories_and_many_snapshots_list_completely() {
+    let m = Mount::new();
+    fs::create_dir(m.path("big")).unwrap();
+    let mut want = Vec::new();
+    for i in 0..1500 {
+        // Long names make the listing span many readdir buffers.
+        let n = format!("entry-{i:05}-{}", "n".repeat(i % 120));
+        File::create(m.path("big").join(&n)).unwrap();
+        want.push(n);
+    }
+    want.sort();
+    let mut snaps = Vec::new();
+    for i in 0..60 {
+        let n = format!("snap-{i:03}-{}", "s".repeat(i * 3));
+        create_ok(&m, &n);
+        snaps.push(n);
+    }
+    snaps.sort();
+    assert_eq!(ls(&m.path(".snapshots")), snaps, "listing of .snapshots");
+    assert_eq!(names(&m), snaps, "snapshot list");
+    for s in [&snaps[0], &snaps[59]] {
+        assert_eq!(ls(&sp(&m, s, "big")), want, "listing of {s}/big");
+    }
+    // Live changes do not show in the snapshots' listings.
+    for n in want.iter().take(500) {
+        fs::remove_file(m.path("big").join(n)).unwrap();
+    }
+    assert_eq!(ls(&m.path("big")).len(), 1000);
+    assert_eq!(ls(&sp(&m, &snaps[30], "big")), want);
+    // The `ls -la` path: readdirplus with attributes of every entry.
+    let out = run_ok(Command::new("ls").arg("-la").arg(sp(&m, &snaps[10], "big")));
+    let lines = stdout_str(&out).lines().count();
+    assert_eq!(lines, 1500 + 3, "ls -la of a snapshot directory");
 }
