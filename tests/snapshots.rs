@@ -2603,3 +2603,120 @@ fn big_directories_and_many_snapshots_list_completely() {
     let lines = stdout_str(&out).lines().count();
     assert_eq!(lines, 1500 + 3, "ls -la of a snapshot directory");
 }
+
+// ---------------------------------------------------------------------------
+// Atomicity against namespace changes
+// ---------------------------------------------------------------------------
+
+/// Content of version `v` of the config file the atomic-replace writer publishes.
+fn config_version(v: u64) -> Vec<u8> {
+    let mut c = format!("version {v:010}\n").into_bytes();
+    c.extend(Rng::new(v).bytes(20_000 + (v % 7) as usize * 1000));
+    c
+}
+
+#[test]
+fn snapshot_is_atomic_with_renames_and_atomic_replaces() {
+    let m = Mount::new();
+    let (a, b) = (m.path("a"), m.path("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    const TOKENS: u64 = 40;
+    for i in 0..TOKENS {
+        fs::write(a.join(format!("token-{i:02}")), format!("token {i}")).unwrap();
+    }
+    write_synced(&m.path("cfg.json"), &config_version(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+
+    // Moves tokens between a/ and b/ (each token always exists exactly once).
+    let mover = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(90);
+            let mut in_b = [false; TOKENS as usize];
+            let mut moves = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let i = rng.below(TOKENS) as usize;
+                let n = format!("token-{i:02}");
+                let (from, to) = if in_b[i] { (&b, &a) } else { (&a, &b) };
+                fs::rename(from.join(&n), to.join(&n))
+                    .unwrap_or_else(|e| panic!("rename {n}: {e}"));
+                in_b[i] = !in_b[i];
+                moves += 1;
+            }
+            moves
+        })
+    };
+    // Publishes new versions of cfg.json by write tmp + fsync + rename.
+    let replacer = {
+        let (dir, stop, published) = (m.mnt.clone(), stop.clone(), published.clone());
+        std::thread::spawn(move || {
+            let mut v = 0;
+            while !stop.load(Ordering::SeqCst) {
+                v += 1;
+                write_synced(&dir.join("cfg.tmp"), &config_version(v));
+                fs::rename(dir.join("cfg.tmp"), dir.join("cfg.json")).unwrap();
+                published.store(v, Ordering::SeqCst);
+            }
+            v
+        })
+    };
+    let mut cuts = Vec::new();
+    for k in 0..8 {
+        sleep(Duration::from_millis(60));
+        let before = published.load(Ordering::SeqCst);
+        let name = format!("ns-{k}");
+        create_ok(&m, &name);
+        cuts.push((name, before));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let moves = mover.join().unwrap();
+    let versions = replacer.join().unwrap();
+    assert!(
+        moves > 0 && versions > 0,
+        "moves {moves}, versions {versions}"
+    );
+
+    for (name, before) in &cuts {
+        let in_a: BTreeSet<String> = ls(&sp(&m, name, "a")).into_iter().collect();
+        let in_b: BTreeSet<String> = ls(&sp(&m, name, "b")).into_iter().collect();
+        for i in 0..TOKENS {
+            let n = format!("token-{i:02}");
+            let count = in_a.contains(&n) as u32 + in_b.contains(&n) as u32;
+            assert_eq!(
+                count, 1,
+                "snapshot {name}: {n} appears {count} times across a/ and b/ (a rename was cut \
+                 in half)"
+            );
+            let side = if in_a.contains(&n) { "a" } else { "b" };
+            assert_eq!(
+                fs::read(sp(&m, name, &format!("{side}/{n}"))).unwrap(),
+                format!("token {i}").into_bytes()
+            );
+        }
+        assert_eq!(
+            in_a.len() + in_b.len(),
+            TOKENS as usize,
+            "snapshot {name}: extra names"
+        );
+        let cfg = fs::read(sp(&m, name, "cfg.json")).unwrap_or_else(|e| {
+            panic!("snapshot {name}: cfg.json missing during an atomic replace: {e}")
+        });
+        let head = String::from_utf8_lossy(&cfg[..19.min(cfg.len())]).into_owned();
+        let v: u64 = head
+            .strip_prefix("version ")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("snapshot {name}: cfg.json is not a version: {head:?}"));
+        assert_same_bytes(
+            &cfg,
+            &config_version(v),
+            &format!("snapshot {name}: cfg.json v{v}"),
+        );
+        assert!(
+            v >= *before,
+            "snapshot {name}: cfg.json is version {v}, but version {before} was published \
+             before the snapshot started"
+        );
+    }
+}
