@@ -143,10 +143,16 @@ pub fn handle_streaming(
             }
             Ok(json(&ds.du(&inos)?))
         }
-        Request::SnapshotCreate { name } => Ok(json(&ds.snapshot_create(&name)?)),
+        Request::SnapshotCreate { name } => {
+            let rec = ds.snapshot_create(&name)?;
+            // A cached negative or old entry for this name must not hide the new tree.
+            invalidate(crate::fs::snapshot::SNAPDIR_ID, name.as_bytes());
+            Ok(json(&rec))
+        }
         Request::SnapshotList => Ok(json(&ds.snapshot_list()?)),
         Request::SnapshotDelete { name } => {
             ds.snapshot_delete(&name)?;
+            invalidate(crate::fs::snapshot::SNAPDIR_ID, name.as_bytes());
             Ok(serde_json::Value::Null)
         }
         Request::SnapshotRollback { name, force } => {

@@ -359,6 +359,10 @@ impl Filesystem for ThinFuse {
 
     fn open(&self, _req: &Request, i: INodeNo, flags: fuser::OpenFlags, reply: ReplyOpen) {
         if !matches!(Node::from_id(i.0), Node::Live(_)) {
+            // A deleted snapshot's nodes are gone, whatever the kernel still caches.
+            if let Err(e) = self.ds.node_getattr(i.0) {
+                return reply.error(errno("open", e));
+            }
             // Snapshot files are immutable and need no open count.
             return if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
                 reply.error(fuser::Errno::EROFS)
