@@ -304,6 +304,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// The store of `--mount`, or of the mount holding the current directory.
+fn mount_point(mount: Option<&Path>) -> Result<PathBuf> {
+    let p = mount.unwrap_or(Path::new("."));
+    let (m, _) = control::mount_of(p).map_err(|e| anyhow!(e))?;
+    Ok(m.mountpoint)
+}
+
 fn mount_store(mount: Option<PathBuf>) -> Result<PathBuf> {
     let p = mount.unwrap_or_else(|| PathBuf::from("."));
     let (m, _) = control::mount_of(&p).map_err(|e| anyhow!(e))?;
@@ -332,10 +338,12 @@ fn snapshot(action: SnapshotCmd) -> Result<()> {
             exec_after,
         } => {
             thinfs::fs::snapshot::check_snapshot_name(&name)?;
+            let mount_hint = mount.clone();
             let store = mount_store(mount)?;
             if let Some(cmd) = &exec_before {
                 run_hook("--exec-before", cmd)?;
             }
+            syncfs(&mount_point(mount_hint.as_deref())?);
             let made = call(&store, &Request::SnapshotCreate { name: name.clone() });
             let after = exec_after
                 .as_deref()
@@ -397,6 +405,16 @@ fn snapshot(action: SnapshotCmd) -> Result<()> {
             .with_context(|| format!("rollback to {name}"))?;
             Ok(())
         }
+    }
+}
+
+/// Pushes writes the kernel still caches for the filesystem holding `path` to the daemon
+/// (with `-o writeback_cache` they would otherwise miss a clone or snapshot).
+fn syncfs(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open fd.
+        unsafe { libc::syncfs(f.as_raw_fd()) };
     }
 }
 
