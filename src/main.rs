@@ -64,19 +64,8 @@ fn run(cli: Cli) -> Result<()> {
             threads,
         } => thinfs::mount::run(&store, &mountpoint, foreground, &options, threads),
         Command::Stats { target, json } => {
-            let value = match store_of(&target)? {
-                (store, true) => call(&store, &Request::Stats)?,
-                (store, false) => {
-                    let ds = Datastore::open(
-                        &store,
-                        &OpenOptions {
-                            no_background: true,
-                            ..Default::default()
-                        },
-                    )?;
-                    serde_json::to_value(ds.stats()?)?
-                }
-            };
+            let (store, mounted) = store_of(&target)?;
+            let value = request(&store, mounted, Request::Stats, true, "stats")?;
             print_stats(&value, json);
             Ok(())
         }
@@ -113,36 +102,11 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(t), _) => store_of(&t)?,
                 (None, m) => (mount_store(m)?, true),
             };
-            let report = if mounted {
-                let req = Request::Gc {
-                    compact_threshold: Some(threshold),
-                    max_bytes_per_sec: max_rate,
-                };
-                with_bar(json, "gc", |cb| call_progress(&store, &req, cb))?
-            } else {
-                let ds = Datastore::open(
-                    &store,
-                    &OpenOptions {
-                        no_background: true,
-                        ..Default::default()
-                    },
-                )?;
-                let opts = thinfs::gc::GcOptions {
-                    compact_threshold: threshold,
-                    max_bytes_per_sec: max_rate,
-                    ..Default::default()
-                };
-                with_bar(json, "gc", |cb| {
-                    let r = thinfs::gc::collect(&ds, &opts, &|p| {
-                        cb(control::Progress {
-                            progress: format!("{:?}", p.phase).to_lowercase(),
-                            done: p.done,
-                            total: p.total,
-                        })
-                    })?;
-                    Ok(serde_json::to_value(r)?)
-                })?
+            let req = Request::Gc {
+                compact_threshold: Some(threshold),
+                max_bytes_per_sec: max_rate,
             };
+            let report = request(&store, mounted, req, json, "gc")?;
             if json {
                 println!("{report}");
             } else {
@@ -166,38 +130,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let (store, mounted) = store_of(&target)?;
-            let report = if mounted {
-                with_bar(json, "scrub", |cb| {
-                    call_progress(
-                        &store,
-                        &Request::Scrub {
-                            max_bytes_per_sec: max_rate,
-                        },
-                        cb,
-                    )
-                })?
-            } else {
-                let ds = Datastore::open(
-                    &store,
-                    &OpenOptions {
-                        no_background: true,
-                        ..Default::default()
-                    },
-                )?;
-                let opts = thinfs::scrub::ScrubOptions {
-                    max_bytes_per_sec: max_rate,
-                };
-                with_bar(json, "scrub", |cb| {
-                    let r = thinfs::scrub::scrub(&ds, &opts, &|done, total| {
-                        cb(control::Progress {
-                            progress: "verify".into(),
-                            done,
-                            total,
-                        })
-                    })?;
-                    Ok(serde_json::to_value(r)?)
-                })?
+            let req = Request::Scrub {
+                max_bytes_per_sec: max_rate,
             };
+            let report = request(&store, mounted, req, json, "scrub")?;
             let clean = report
                 .get("clean")
                 .and_then(|c| c.as_bool())
@@ -431,6 +367,28 @@ fn store_of(target: &Path) -> Result<(PathBuf, bool)> {
     }
     let mounted = control::mounts().iter().any(|m| m.store == abs);
     Ok((abs, mounted))
+}
+
+/// Answers `req` through the daemon serving `store`, or, for an unmounted store, by
+/// opening it here: one code path (control::handle_streaming) either way.
+fn request(
+    store: &Path,
+    mounted: bool,
+    req: Request,
+    quiet: bool,
+    what: &str,
+) -> Result<serde_json::Value> {
+    if mounted {
+        return with_bar(quiet, what, |cb| call_progress(store, &req, cb));
+    }
+    let opts = OpenOptions {
+        no_background: true,
+        ..Default::default()
+    };
+    let ds = Datastore::open(store, &opts)?;
+    with_bar(quiet, what, |cb| {
+        Ok(control::handle_streaming(&ds, req, &|_, _| {}, cb)?)
+    })
 }
 
 /// Runs `work`, showing its progress as a bar on stderr unless printing JSON.
