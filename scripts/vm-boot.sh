@@ -23,7 +23,8 @@
 #    and timings.
 #
 # Environment: THINFS (binary; default: cargo build --release), VMDIR (download
-# cache), WORK (scratch; default a new dir under /var/tmp), KEEP=1 keeps WORK.
+# cache), WORK (scratch dir, kept; default a new dir under /var/tmp, removed
+# at the end unless KEEP=1).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,7 +45,7 @@ timed() { # label, command...
     local label=$1; shift
     local t0; t0=$(now)
     "$@"
-    local dt; dt=$(echo "$(now) - $t0" | bc)
+    local dt; dt=$(awk -v a="$(now)" -v b="$t0" 'BEGIN { print a - b }')
     TIMINGS+=("$(printf '%-40s %8.2f s' "$label" "$dt")")
 }
 
@@ -55,7 +56,6 @@ need=()
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
-command -v bc >/dev/null || need+=(bc)
 command -v mount.fuse3 >/dev/null || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
@@ -152,7 +152,12 @@ if [ -z "${THINFS:-}" ]; then
     timed "cargo build --release" nice cargo build --release --quiet
     THINFS=$REPO/target/release/thinfs
 fi
-WORK=${WORK:-$(mktemp -d /var/tmp/thinfs-vmboot.XXXXXX)}
+CREATED_WORK=0
+if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d /var/tmp/thinfs-vmboot.XXXXXX)
+    CREATED_WORK=1
+fi
+mkdir -p "$WORK"
 chmod 755 "$WORK"
 STORE=$WORK/store
 MNT=$WORK/mnt
@@ -164,10 +169,10 @@ cleanup() {
     if mountpoint -q "$MNT"; then
         umount "$MNT" || { sleep 1; umount "$MNT"; } || umount -l "$MNT"
     fi
-    if [ "${KEEP:-0}" = 1 ]; then
-        log "kept $WORK"
-    else
+    if [ "$CREATED_WORK" = 1 ] && [ "${KEEP:-0}" != 1 ]; then
         rm -rf "$WORK"
+    else
+        log "kept $WORK"
     fi
 }
 trap cleanup EXIT
@@ -244,7 +249,7 @@ lock_check() {
     local t0; t0=$(now)
     until ofd_lock_byte "$img" 201; do
         kill -0 "$QEMU_PID" 2>/dev/null || break
-        [ "$(echo "$(now) - $t0 > 30" | bc)" = 1 ] && break
+        awk -v a="$(now)" -v b="$t0" 'BEGIN { exit !(a - b > 30) }' && break
         sleep 0.05
     done
     local out rc=0
@@ -298,13 +303,10 @@ timed "verify images (debugfs, e2fsck)" verify_all
 
 log "space (thinfs du per image, then the store)"
 for img in "$GOLD" "$MNT"/clone*.raw; do
-    "$THINFS" du "$img" --json | python3 -c '
-import json, sys
-d = json.load(sys.stdin)
-m = {k: d[k] / 1048576 for k in ("logical_bytes", "stored_bytes", "shared_bytes", "exclusive_bytes")}
-print("    %-12s logical %7.1f MiB  stored %6.1f MiB  shared %6.1f MiB  exclusive %6.1f MiB" % (
-    sys.argv[1], m["logical_bytes"], m["stored_bytes"], m["shared_bytes"], m["exclusive_bytes"]))
-' "$(basename "$img")"
+    "$THINFS" du "$img" --json | tr -d '{}" ' | tr ',' '\n' | awk -F: -v n="$(basename "$img")" '
+        { v[$1] = $2 / 1048576 }
+        END { printf "    %-12s logical %7.1f MiB  stored %6.1f MiB  shared %6.1f MiB  exclusive %6.1f MiB\n",
+              n, v["logical_bytes"], v["stored_bytes"], v["shared_bytes"], v["exclusive_bytes"] }'
 done
 "$THINFS" stats "$MNT" | sed 's/^/    /'
 
