@@ -482,6 +482,11 @@ pub mod nfs3 {
 
         /// WRITE with FILE_SYNC, in pieces of at most 64 KiB.
         pub fn write(&mut self, fh: &[u8], off: u64, data: &[u8]) -> Result<()> {
+            self.write_stable(fh, off, data, 2)
+        }
+
+        /// WRITE with the given stable_how (0 UNSTABLE, 1 DATA_SYNC, 2 FILE_SYNC).
+        pub fn write_stable(&mut self, fh: &[u8], off: u64, data: &[u8], how: u32) -> Result<()> {
             let mut done = 0usize;
             while done < data.len() {
                 let piece = &data[done..(done + 65536).min(data.len())];
@@ -489,7 +494,7 @@ pub mod nfs3 {
                 e.opaque(fh)
                     .u64(off + done as u64)
                     .u32(piece.len() as u32)
-                    .u32(2)
+                    .u32(how)
                     .opaque(piece);
                 let r = self.c.call(7, &e.0)?;
                 let mut d = Dec::new(&r);
@@ -524,6 +529,36 @@ pub mod nfs3 {
                 },
                 s => Err(Error::Status(s)),
             }
+        }
+
+        /// COMMIT of the whole file.
+        pub fn commit(&mut self, fh: &[u8]) -> Result<()> {
+            let mut e = Enc::default();
+            e.opaque(fh).u64(0).u32(0);
+            self.status_only(21, &e.0)
+        }
+
+        /// CREATE EXCLUSIVE with a verifier (a retry with the same verifier succeeds).
+        pub fn create_exclusive(
+            &mut self,
+            dir: &[u8],
+            name: &str,
+            verf: [u8; 8],
+        ) -> Result<Vec<u8>> {
+            let mut e = Enc::default();
+            e.opaque(dir).str(name).u32(2).fixed(&verf);
+            self.new_object(8, &e.0, dir, name)
+        }
+
+        /// SETATTR of mtime and atime to the given seconds (SET_TO_CLIENT_TIME).
+        pub fn set_times(&mut self, fh: &[u8], atime: u32, mtime: u32) -> Result<()> {
+            let mut e = Enc::default();
+            e.opaque(fh);
+            e.u32(0).u32(0).u32(0).u32(0); // mode uid gid size
+            e.u32(2).u32(atime).u32(0);
+            e.u32(2).u32(mtime).u32(0);
+            e.u32(0);
+            self.status_only(2, &e.0)
         }
 
         /// CREATE (GUARDED: fails with EXIST if present).
@@ -584,12 +619,18 @@ pub mod nfs3 {
 
         /// READDIR: every (name, fileid), without "." and "..".
         pub fn readdir(&mut self, dir: &[u8]) -> Result<Vec<(String, u64)>> {
+            self.readdir_count(dir, 32768)
+        }
+
+        /// READDIR with `count` bytes per reply (small counts force many calls
+        /// continued by cookie).
+        pub fn readdir_count(&mut self, dir: &[u8], count: u32) -> Result<Vec<(String, u64)>> {
             let mut out = Vec::new();
             let mut cookie = 0u64;
             let mut verf = [0u8; 8];
             loop {
                 let mut e = Enc::default();
-                e.opaque(dir).u64(cookie).fixed(&verf).u32(32768);
+                e.opaque(dir).u64(cookie).fixed(&verf).u32(count);
                 let r = self.c.call(16, &e.0)?;
                 let mut d = Dec::new(&r);
                 match check(&mut d)? {
@@ -1387,6 +1428,110 @@ fn nfs_namespace_ops() {
     );
     assert_eq!(nfs_side, fuse_side, "READDIR fileids vs FUSE inode numbers");
 
+    // READDIR in small replies, continued by cookie.
+    let small = ok(c.readdir_count(&d, 1024), "READDIR count 1024", &g, &m);
+    assert_eq!(small, fuse_side, "READDIR with cookies");
+
+    // UNSTABLE writes + COMMIT; DATA_SYNC.
+    let u = ok(
+        c.create(&d2, "unstable.bin", 0o644),
+        "CREATE unstable",
+        &g,
+        &m,
+    );
+    let udata = Rng::new(78).bytes(1_000_003);
+    ok(c.write_stable(&u, 0, &udata, 0), "WRITE UNSTABLE", &g, &m);
+    ok(c.commit(&u), "COMMIT", &g, &m);
+    ok(
+        c.write_stable(&u, 5, b"data-sync", 1),
+        "WRITE DATA_SYNC",
+        &g,
+        &m,
+    );
+    let mut want = udata.clone();
+    want[5..14].copy_from_slice(b"data-sync");
+    assert_same_bytes(
+        &fs::read(m.path("vm2/unstable.bin")).unwrap(),
+        &want,
+        "after COMMIT",
+    );
+
+    // SETATTR times (what `touch -d` and cp -p do over NFS).
+    ok(
+        c.set_times(&u, 1_000_000_000, 1_234_567_890),
+        "SETATTR times",
+        &g,
+        &m,
+    );
+    let md = fs::metadata(m.path("vm2/unstable.bin")).unwrap();
+    assert_eq!(
+        (md.atime(), md.mtime()),
+        (1_000_000_000, 1_234_567_890),
+        "times on FUSE side"
+    );
+    assert_eq!(ok(c.getattr(&u), "GETATTR", &g, &m).mtime.0, 1_234_567_890);
+
+    // EXCLUSIVE CREATE: the retry with the same verifier succeeds (same
+    // file), another verifier gets EXIST.
+    let v1 = *b"verifier";
+    let x1 = ok(
+        c.create_exclusive(&d2, "excl", v1),
+        "CREATE EXCLUSIVE",
+        &g,
+        &m,
+    );
+    let x2 = ok(
+        c.create_exclusive(&d2, "excl", v1),
+        "CREATE EXCLUSIVE retry",
+        &g,
+        &m,
+    );
+    assert_eq!(
+        ok(c.getattr(&x1), "GETATTR", &g, &m).fileid,
+        ok(c.getattr(&x2), "GETATTR", &g, &m).fileid
+    );
+    match c.create_exclusive(&d2, "excl", *b"other-vf") {
+        Err(e) if e.status() == Some(nfs3::NFS3ERR_EXIST) => {}
+        other => panic!("EXCLUSIVE CREATE with another verifier: {other:?}"),
+    }
+    ok(
+        c.write(&x1, 0, b"x"),
+        "WRITE to exclusive-created file",
+        &g,
+        &m,
+    );
+    assert_eq!(fs::read(m.path("vm2/excl")).unwrap(), b"x");
+
+    // RENAME of a directory, then its old handle still works.
+    let sub = ok(c.mkdir(&d2, "sub", 0o755), "MKDIR sub", &g, &m);
+    ok(c.create(&sub, "inner", 0o644), "CREATE inner", &g, &m);
+    ok(
+        c.rename(&d2, "sub", &root, "sub-moved"),
+        "RENAME dir",
+        &g,
+        &m,
+    );
+    assert!(m.path("sub-moved/inner").exists());
+    let (inner, _) = ok(
+        c.lookup(&sub, "inner"),
+        "LOOKUP in renamed dir by old handle",
+        &g,
+        &m,
+    );
+    drop_caches();
+    ok(
+        c.getattr(&inner),
+        "GETATTR after dir rename + drop_caches",
+        &g,
+        &m,
+    );
+    ok(
+        c.readdir(&sub),
+        "READDIR renamed dir after drop_caches",
+        &g,
+        &m,
+    );
+
     // REMOVE and RMDIR (NOTEMPTY first).
     match c.rmdir(&root, "vm1") {
         Err(e) if e.status() == Some(nfs3::NFS3ERR_NOTEMPTY) => {}
@@ -1617,4 +1762,73 @@ fn nfs_handles_survive_remount() {
     assert_eq!(&got[10..23], b"after remount");
     drop(c);
     drop(g);
+}
+
+/// KNOWN thinfs BUG (ignored so CI stays green; run with `--ignored`):
+/// directory handles inside the snapshot tree go stale once the kernel evicted
+/// their inodes. `.snapshots` is hidden from the root's directory listing, so
+/// the kernel cannot reconnect a disconnected snapshot directory to the mount
+/// (exportfs reconnects directories by LOOKUP ".." and then finds the child's
+/// name by reading the parent directory, looking for the child's inode number;
+/// the root's listing never shows `.snapshots`). open_by_handle_at then fails
+/// with ESTALE, and NFS clients get NFS3ERR_STALE for `.snapshots`, each
+/// snapshot and every directory below them (files still work: they need no
+/// reconnection). Live directories and snapshot files are fine.
+#[test]
+#[ignore = "thinfs bug: snapshot directory handles go stale after eviction (.snapshots hidden from the root listing)"]
+fn snapshot_dir_handles_survive_eviction() {
+    let m = datastore();
+    fs::create_dir_all(m.path("vm/sub")).unwrap();
+    fs::write(m.path("vm/sub/f"), b"in snapshot\n").unwrap();
+    let out = thinfs([
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "s1".as_ref(),
+        "--mount".as_ref(),
+        m.mnt.as_os_str(),
+    ]);
+    assert!(out.status.success(), "snapshot create: {}", describe(&out));
+
+    // Kernel handles, no NFS.
+    let paths = [
+        ".snapshots/s1/vm/sub/f",
+        ".snapshots",
+        ".snapshots/s1",
+        ".snapshots/s1/vm",
+        ".snapshots/s1/vm/sub",
+    ];
+    let mut failures = Vec::new();
+    for p in paths {
+        let h = name_to_handle(&m.path(p)).unwrap();
+        drop_caches();
+        let mount_fd = File::open(&m.mnt).unwrap();
+        if let Err(e) = open_by_handle(&mount_fd, &h) {
+            failures.push(format!("open_by_handle_at({p}) after drop_caches: {e}"));
+        }
+    }
+
+    // The same through ganesha.
+    let g = Ganesha::start(
+        &m.scratch().join("ganesha"),
+        &[Export {
+            id: 1,
+            path: m.mnt.clone(),
+        }],
+    );
+    let mut c = g.client();
+    let root = g.root(&m.mnt);
+    let snapdir = ok(c.walk(&root, ".snapshots/s1/vm"), "LOOKUP", &g, &m);
+    drop_caches();
+    if let Err(e) = c.readdir(&snapdir) {
+        failures.push(format!(
+            "NFS READDIR .snapshots/s1/vm after drop_caches: {e}"
+        ));
+    }
+    drop(g);
+    assert!(
+        failures.is_empty(),
+        "snapshot handles after eviction:\n{}\ndaemon log:\n{}",
+        failures.join("\n"),
+        m.daemon_log()
+    );
 }
