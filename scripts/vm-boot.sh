@@ -223,9 +223,12 @@ wait_vm() { # name
 }
 
 ofd_lock_byte() { # file byte -> 0 if some OFD lock on the file covers byte
-    local ino; ino=$(stat -c %i "$1")
-    awk -v ino=":$ino" -v b="$2" '/OFDLCK/ {
-        for (i = 1; i <= NF; i++) if (substr($i, length($i) - length(ino) + 1) == ino && $(i+1) <= b && $(i+2) >= b) f = 1
+    # /proc/locks names files MAJOR:MINOR:INODE (hex device numbers).
+    local dev key
+    dev=$(stat -c %d "$1")
+    key=$(printf '%02x:%02x:%s' $(((dev >> 8) & 0xfff)) $(((dev & 0xff) | ((dev >> 12) & 0xfff00))) "$(stat -c %i "$1")")
+    awk -v key="$key" -v b="$2" '/OFDLCK/ {
+        for (i = 1; i <= NF; i++) if ($i == key && $(i+1) <= b && $(i+2) >= b) f = 1
     } END { exit !f }' /proc/locks
 }
 
@@ -248,8 +251,8 @@ lock_check() {
     start_vm "$img" clone1 4
     local t0; t0=$(now)
     until ofd_lock_byte "$img" 201; do
-        kill -0 "$QEMU_PID" 2>/dev/null || break
-        awk -v a="$(now)" -v b="$t0" 'BEGIN { exit !(a - b > 30) }' && break
+        kill -0 "$QEMU_PID" 2>/dev/null || die "clone1's VM exited before it locked its image"
+        awk -v a="$(now)" -v b="$t0" 'BEGIN { exit !(a - b > 30) }' && die "clone1's VM never locked its image"
         sleep 0.05
     done
     local out rc=0

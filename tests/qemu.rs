@@ -757,17 +757,25 @@ fn qemu_io_discard_punches_holes() {
     );
 }
 
-/// OFD lock ranges (start, end) on the inode of `path`, from /proc/locks.
+/// OFD lock ranges (start, end) on the file `path`, from /proc/locks. Lines
+/// name the file as MAJOR:MINOR:INODE (hex device numbers); the device must be
+/// matched too, since fresh stores of parallel tests reuse inode numbers.
 fn ofd_locks(path: &Path) -> Vec<(u64, u64)> {
-    let ino = fs::metadata(path).unwrap().ino();
-    let suffix = format!(":{ino}");
+    let md = fs::metadata(path).unwrap();
+    let dev = md.dev();
+    let key = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        md.ino()
+    );
     let mut out: Vec<(u64, u64)> = fs::read_to_string("/proc/locks")
         .unwrap()
         .lines()
         .filter(|l| l.contains("OFDLCK"))
         .filter_map(|l| {
             let t: Vec<&str> = l.split_whitespace().collect();
-            let i = t.iter().position(|x| x.ends_with(&suffix))?;
+            let i = t.iter().position(|x| *x == key)?;
             Some((t.get(i + 1)?.parse().ok()?, t.get(i + 2)?.parse().ok()?))
         })
         .collect();
