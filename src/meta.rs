@@ -622,31 +622,47 @@ impl Meta {
         let mut removed = 0;
         for tag in [keys::INODE, keys::DIRENT] {
             let mut batch = sled::Batch::default();
-            let mut group: Vec<u8> = Vec::new();
-            // Epoch of the next-newer version in the current group.
-            let mut newer = now.0 + 1;
-            let mut first = true;
+            // The versions of one record, newest first.
+            let mut group: Vec<(sled::IVec, sled::IVec)> = Vec::new();
+            let mut flush_group = |group: &mut Vec<(sled::IVec, sled::IVec)>,
+                                   batch: &mut sled::Batch| {
+                // A version is seen by snapshots s with epoch <= s < the next newer one.
+                let mut newer = now.0 + 1;
+                let mut keep: Vec<bool> = Vec::with_capacity(group.len());
+                for (k, _) in group.iter() {
+                    let e = keys::epoch_of(k).0;
+                    keep.push(snaps.range(e..newer).next().is_some());
+                    newer = e;
+                }
+                // The newest version is the live one. A live record stays; a live
+                // tombstone stays while it still hides an older version someone sees.
+                if let Some((_, v)) = group.first() {
+                    let older_kept = keep.iter().skip(1).any(|k| *k);
+                    keep[0] = v.first() != Some(&TOMBSTONE) || older_kept;
+                }
+                for ((k, v), kept) in group.drain(..).zip(keep) {
+                    if !kept {
+                        self.note_dropped(&k, v);
+                        batch.remove(k.to_vec());
+                        removed += 1;
+                    }
+                }
+            };
             for item in self.db.scan_prefix([tag]) {
                 let (k, v) = item?;
-                let prefix = &k[..k.len() - keys::EPOCH_LEN];
-                if prefix != group.as_slice() {
-                    group = prefix.to_vec();
-                    newer = now.0 + 1;
-                    first = true;
+                let same = group
+                    .first()
+                    .map(|(g, _)| {
+                        g.len() == k.len()
+                            && g[..g.len() - keys::EPOCH_LEN] == k[..k.len() - keys::EPOCH_LEN]
+                    })
+                    .unwrap_or(true);
+                if !same {
+                    flush_group(&mut group, &mut batch);
                 }
-                let e = keys::epoch_of(&k).0;
-                // Visible to the live tree (the newest, unless a tombstone) or to a
-                // snapshot s with e <= s < newer.
-                let live = first && v.first() != Some(&TOMBSTONE);
-                let seen = snaps.range(e..newer).next().is_some();
-                if !live && !seen {
-                    self.note_dropped(&k, v.clone());
-                    batch.remove(k.to_vec());
-                    removed += 1;
-                }
-                newer = e;
-                first = false;
+                group.push((k, v));
             }
+            flush_group(&mut group, &mut batch);
             self.db.apply_batch(batch)?;
         }
         Ok(removed)
@@ -663,7 +679,17 @@ impl Meta {
                 if last.as_ref() == Some(&prefix) {
                     continue;
                 }
-                let then = self.get_versioned(&prefix, View::At(at))?;
+                let mut then = self.get_versioned(&prefix, View::At(at))?;
+                // An inode the snapshot saw unlinked but open has no name and no handle
+                // after the rollback: it is not brought back.
+                if tag == keys::INODE {
+                    if let Some(v) = &then {
+                        let inode: Inode = records::decode(v, "inode")?;
+                        if inode.nlink == 0 {
+                            then = None;
+                        }
+                    }
+                }
                 let nowv = self.get_versioned(&prefix, View::Live)?;
                 if then != nowv {
                     self.put_versioned(batch, &prefix, then.map(|v| v.to_vec()))?;

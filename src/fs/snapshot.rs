@@ -110,6 +110,7 @@ impl Datastore {
 
     /// Every snapshot, oldest first, with the bytes only it holds.
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        self.sync_all()?;
         let mut recs = self.meta.snapshots()?;
         recs.sort_by_key(|r| r.epoch);
         // Chunks each view reaches; exclusive = reached by this snapshot and no other view.

@@ -1,6 +1,6 @@
 //! Space accounting: store-wide statistics and per-path usage (`thinfs du`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -39,7 +39,7 @@ pub struct Usage {
     pub logical_bytes: u64,
     /// Non-hole blocks times the block size.
     pub stored_bytes: u64,
-    /// Stored bytes whose chunks other files or snapshots also use.
+    /// Stored bytes whose chunks files outside the paths, or snapshots, also use.
     pub shared_bytes: u64,
     /// Bytes that deleting the paths would free.
     pub exclusive_bytes: u64,
@@ -108,8 +108,8 @@ impl Datastore {
             }
         }
         let mut usage = Usage::default();
-        let mut mine: HashSet<ChunkId> = HashSet::new();
-        let mut seen = HashSet::new();
+        // How many blocks of the paths point at each chunk.
+        let mut mine: HashMap<ChunkId, u64> = HashMap::new();
         for ino in &inside {
             let inode = self.inode(*ino)?;
             if inode.kind != FileKind::File {
@@ -118,28 +118,32 @@ impl Datastore {
             usage.files += 1;
             usage.logical_bytes += inode.size;
             usage.stored_bytes += inode.data_blocks() * bs;
-            self.maps.walk(inode.map, &mut seen, &mut |c| {
-                mine.insert(*c);
-            })?;
+            self.maps
+                .for_each_chunk(inode.map, 0, u64::MAX, &mut |_, c| {
+                    *mine.entry(c).or_default() += 1;
+                    Ok(())
+                })?;
         }
-        // Chunks anyone else (another file, a snapshot) reaches are shared.
+        // Chunks anyone else reaches are shared: other files, and every version a
+        // snapshot sees (the paths' own live records included, when a snapshot sees them).
+        let snaps: Vec<u64> = self.meta.snapshots()?.iter().map(|r| r.epoch).collect();
         let mut shared: HashSet<ChunkId> = HashSet::new();
         let mut seen_other = HashSet::new();
-        for inode in self.meta.all_inode_versions() {
-            let inode = inode?;
-            if inside.contains(&inode.ino)
-                && self.meta.inode(inode.ino, View::Live)?.as_ref() == Some(&inode)
-            {
+        for v in self.meta.inode_versions() {
+            let v = v?;
+            let newer = v.newer.map(|e| e.0).unwrap_or(u64::MAX);
+            let seen_by_snapshot = snaps.iter().any(|s| (v.epoch.0..newer).contains(s));
+            if inside.contains(&v.inode.ino) && !seen_by_snapshot {
                 continue;
             }
-            self.maps.walk(inode.map, &mut seen_other, &mut |c| {
-                if mine.contains(c) {
+            self.maps.walk(v.inode.map, &mut seen_other, &mut |c| {
+                if mine.contains_key(c) {
                     shared.insert(*c);
                 }
             })?;
         }
         usage.exclusive_bytes = (mine.len() - shared.len()) as u64 * bs;
-        usage.shared_bytes = usage.stored_bytes.saturating_sub(usage.exclusive_bytes);
+        usage.shared_bytes = shared.iter().map(|c| mine[c]).sum::<u64>() * bs;
         Ok(usage)
     }
 }
