@@ -111,7 +111,10 @@ EXPORT {
     SecType = sys;
     # Ask the filesystem by handle on every GETATTR (no attribute cache).
     Attr_Expiration_Time = 0;
-    FSAL { Name = VFS; fsid_type = Device; }
+    # FUSE reports f_fsid 0 and st_dev changes across remounts: Major64 (major 0
+    # for every FUSE mount) keeps client handles valid across a remount of the
+    # store (one FUSE export per server; use Device to export several).
+    FSAL { Name = VFS; fsid_type = Major64; }
 }
 EOF
 log "starting ganesha.nfsd (NFSv3, 127.0.0.1:$NFS_PORT)"
