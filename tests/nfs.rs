@@ -1215,6 +1215,66 @@ fn kernel_handles_survive_eviction_and_remount() {
     );
 }
 
+/// After `kill -9` of the daemon, a handle handed out before the crash either
+/// resolves to the same file or is stale: node ids of files whose creation was
+/// lost are never given to new files (NFS handles carry a constant generation,
+/// so a reused node id would silently name another file).
+#[test]
+fn kernel_handles_after_kill9_never_name_another_file() {
+    let mut m = datastore();
+    fs::write(m.path("durable.txt"), b"durable\n").unwrap();
+    File::open(m.path("durable.txt"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let hd = name_to_handle(&m.path("durable.txt")).unwrap();
+    let mut volatile = Vec::new();
+    for i in 0..20 {
+        let p = m.path(&format!("volatile-{i}"));
+        fs::write(&p, format!("volatile {i}\n")).unwrap();
+        volatile.push((
+            name_to_handle(&p).unwrap(),
+            fs::metadata(&p).unwrap().ino(),
+            i,
+        ));
+    }
+    m.kill9();
+    m.remount();
+    let mut new_inos = std::collections::HashMap::new();
+    for i in 0..40 {
+        let p = m.path(&format!("after-{i}"));
+        fs::write(&p, format!("after the crash {i}\n")).unwrap();
+        new_inos.insert(fs::metadata(&p).unwrap().ino(), i);
+    }
+    drop_caches();
+    let mount_fd = File::open(&m.mnt).unwrap();
+    let f = open_by_handle(&mount_fd, &hd).expect("fsynced file by handle after kill -9");
+    assert_eq!(read_at(&f, 0, 100), b"durable\n");
+    for (h, ino, i) in &volatile {
+        assert!(
+            !new_inos.contains_key(ino),
+            "inode number {ino} of volatile-{i} (lost or not) was given to after-{} after kill -9",
+            new_inos[ino]
+        );
+        match open_by_handle(&mount_fd, h) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "volatile-{i}: {e}"),
+            Ok(f) => {
+                let md = f.metadata().unwrap();
+                assert_eq!(
+                    md.ino(),
+                    *ino,
+                    "handle of volatile-{i} opened another inode"
+                );
+                let got = read_at(&f, 0, 100);
+                assert!(
+                    got.is_empty() || got == format!("volatile {i}\n").as_bytes(),
+                    "handle of volatile-{i} reads {got:?}"
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Through ganesha
 // ---------------------------------------------------------------------------
