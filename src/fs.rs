@@ -63,6 +63,9 @@ pub struct OpenOptions {
     pub no_background: bool,
     /// Name of the snapshot directory (default: the store's, `.snapshots`).
     pub snapshot_dir: Option<String>,
+    /// List the snapshot directory in the root's listing (NFS re-export of snapshots:
+    /// the kernel reconnects evicted directories by reading their parent's listing).
+    pub snapshot_dir_visible: bool,
 }
 
 /// One dirty block in a write-back buffer.
@@ -170,6 +173,8 @@ pub struct Datastore {
     space: crate::space::SpaceGuard,
     /// Name of the snapshot directory at the root.
     snapdir: Vec<u8>,
+    /// Whether the root's listing shows it.
+    snapdir_visible: bool,
     pins: Arc<Pins>,
     /// Held for the life of the datastore: one daemon per store.
     _lock: File,
@@ -256,6 +261,7 @@ impl Datastore {
             gc_gate: RwLock::new(()),
             space: crate::space::SpaceGuard::new(path.to_path_buf()),
             snapdir,
+            snapdir_visible: opts.snapshot_dir_visible,
             pins,
             cfg,
             meta,

@@ -27,6 +27,8 @@ pub struct MountOpts {
     pub flags: libc::c_ulong,
     /// `snapdir=NAME`: the snapshot directory's name for this mount.
     pub snapdir: Option<String>,
+    /// `snapdir_visible`: list it in the root (needed to NFS-export snapshot directories).
+    pub snapdir_visible: bool,
     /// `gc_interval=SECS`: background GC period (0 turns it off).
     pub gc_interval: u64,
     /// `gc_rate=BYTES`: background GC compaction I/O limit per second.
@@ -39,6 +41,7 @@ impl Default for MountOpts {
             acl: SessionACL::Owner,
             flags: libc::MS_NOSUID | libc::MS_NODEV,
             snapdir: None,
+            snapdir_visible: false,
             gc_interval: 600,
             gc_rate: Some(64 << 20),
         }
@@ -57,6 +60,7 @@ pub fn parse_options(lists: &[String]) -> Result<MountOpts> {
         let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
         match key {
             "snapdir" => o.snapdir = Some(value.to_string()),
+            "snapdir_visible" => o.snapdir_visible = true,
             "gc_interval" => {
                 o.gc_interval = value
                     .parse()
@@ -245,6 +249,7 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
         store,
         &OpenOptions {
             snapshot_dir: opts.snapdir.clone(),
+            snapshot_dir_visible: opts.snapdir_visible,
             ..Default::default()
         },
     )?;

@@ -1852,20 +1852,17 @@ fn nfs_handles_survive_remount() {
     drop(g);
 }
 
-/// KNOWN thinfs BUG (ignored so CI stays green; run with `--ignored`):
-/// directory handles inside the snapshot tree go stale once the kernel evicted
-/// their inodes. `.snapshots` is hidden from the root's directory listing, so
-/// the kernel cannot reconnect a disconnected snapshot directory to the mount
-/// (exportfs reconnects directories by LOOKUP ".." and then finds the child's
-/// name by reading the parent directory, looking for the child's inode number;
-/// the root's listing never shows `.snapshots`). open_by_handle_at then fails
-/// with ESTALE, and NFS clients get NFS3ERR_STALE for `.snapshots`, each
-/// snapshot and every directory below them (files still work: they need no
-/// reconnection). Live directories and snapshot files are fine.
+/// Directory handles inside the snapshot tree stay valid once the kernel evicted their
+/// inodes, when the mount lists `.snapshots` in the root (`-o snapdir_visible`):
+/// exportfs reconnects directories by LOOKUP ".." and then finds the child's name by
+/// reading the parent directory, so a hidden `.snapshots` cannot be reconnected (ESTALE,
+/// NFS3ERR_STALE). The README tells NFS exporters of snapshots to mount with it.
 #[test]
-#[ignore = "thinfs bug: snapshot directory handles go stale after eviction (.snapshots hidden from the root listing)"]
 fn snapshot_dir_handles_survive_eviction() {
-    let m = datastore();
+    let m = Mount::with(MountOptions {
+        block_size: None,
+        mount_args: vec!["-o".into(), "allow_other,snapdir_visible".into()],
+    });
     fs::create_dir_all(m.path("vm/sub")).unwrap();
     fs::write(m.path("vm/sub/f"), b"in snapshot\n").unwrap();
     let out = thinfs([

@@ -330,6 +330,9 @@ impl Datastore {
             Node::Live(ino) => {
                 out.push((b".".to_vec(), id, FileKind::Dir));
                 out.push((b"..".to_vec(), self.parent_of(ino)?.0, FileKind::Dir));
+                if ino == InodeNo::ROOT && self.snapdir_visible {
+                    out.push((self.snapdir.clone(), SNAPDIR_ID, FileKind::Dir));
+                }
                 for (n, e) in self.readdir(ino)? {
                     out.push((n, e.ino.0, e.kind));
                 }
