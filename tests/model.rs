@@ -12,7 +12,7 @@ mod model {
     pub mod ops;
     pub mod reference;
 
-    mod checks;
+    pub mod checks;
     mod fixed;
     mod namespace;
     mod props;

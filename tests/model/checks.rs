@@ -18,17 +18,6 @@ use super::reference::{Ent, Model, Sparse, PAGE};
 const FULL_READ_LIMIT: u64 = 2 << 20;
 /// Read sizes used in turn, so reads start and end everywhere in a block (0: 3 blocks).
 const PIECES: [u64; 8] = [65536, 4096, 1, 12289, 131077, 777, 0, 200_000];
-/// Whether `du`'s shared_bytes is compared. Off until the core's definition matches its
-/// documentation: see `regression_du_shared_counts_duplicates_inside_the_set`.
-const CHECK_DU_SHARED: bool = false;
-
-/// Whether `du` counts chunks a snapshot holds through a file unchanged since. Until it
-/// does, exclusive and shared bytes are compared only while no snapshot exists: see
-/// `regression_du_ignores_snapshots_of_unchanged_files`.
-const DU_SEES_SNAPSHOTS: bool = false;
-/// Whether `snapshot_list` counts writes still in write-back buffers. Until it does, the
-/// check flushes first: see `regression_snapshot_list_ignores_unflushed_writes`.
-const SNAPSHOT_LIST_FLUSHES: bool = false;
 
 /// Which tree a check looks at.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +28,7 @@ pub enum Tree {
 }
 
 impl Tree {
-    fn node(self, ino: InodeNo) -> u64 {
+    pub fn node(self, ino: InodeNo) -> u64 {
         match self {
             Tree::Live => ino.0,
             Tree::Snap(index) => Node::Snap { index, ino }.id(),
@@ -63,11 +52,6 @@ impl Harness {
     /// Compares every snapshot with the model copy taken when it was created.
     pub fn check_snapshots(&mut self) {
         let snaps = self.snaps.clone();
-        if !SNAPSHOT_LIST_FLUSHES {
-            self.ds()
-                .sync_all()
-                .unwrap_or_else(|e| self.fail(format!("sync_all: {e}")));
-        }
         let listed: BTreeMap<String, (u32, u64)> = self
             .ds()
             .snapshot_list()
@@ -80,18 +64,19 @@ impl Harness {
             self.fail(format!("snapshots listed {listed:?}, model has {names:?}"));
         }
         let op = self.op.clone();
-        for (name, (index, sm)) in &snaps {
+        for (name, snap) in &snaps {
+            let (index, sm) = (snap.index, &snap.m);
             self.op = format!("{op}; snapshot {name}");
-            self.check_tree(Tree::Snap(*index), sm);
+            self.check_tree(Tree::Snap(index), sm);
             // Exclusive: chunks this snapshot reaches and no other view does.
             let mut others: HashSet<Vec<u8>> = self.m.chunks();
-            for (other, (_, om)) in &snaps {
+            for (other, o) in &snaps {
                 if other != name {
-                    others.extend(om.chunks());
+                    others.extend(o.m.chunks());
                 }
             }
             let excl = sm.chunks().difference(&others).count() as u64 * self.bs;
-            if listed[name] != (*index, excl) {
+            if listed[name] != (index, excl) {
                 self.fail(format!(
                     "snapshot {name}: listed (index, exclusive_bytes) {:?}, model {:?}",
                     listed[name],
@@ -298,9 +283,9 @@ impl Harness {
         for f in self.m.files.values() {
             self.check_seek(f.ino.0, &f.data);
         }
-        for (index, sm) in self.snaps.values() {
-            for f in sm.files.values() {
-                self.check_seek(Tree::Snap(*index).node(f.ino), &f.data);
+        for snap in self.snaps.values() {
+            for f in snap.m.files.values() {
+                self.check_seek(Tree::Snap(snap.index).node(f.ino), &f.data);
             }
         }
     }
@@ -337,8 +322,8 @@ impl Harness {
     /// reach, and every snapshot still reads right.
     pub fn check_after_gc(&mut self) {
         let mut reach = self.m.chunks();
-        for (_, sm) in self.snaps.values() {
-            reach.extend(sm.chunks());
+        for snap in self.snaps.values() {
+            reach.extend(snap.m.chunks());
         }
         let st = self
             .ds()
@@ -363,18 +348,17 @@ impl Harness {
             let d = i - nfiles;
             (self.m.dirs[d].ino, self.m.files_within(d))
         };
-        let snaps: Vec<&Model> = self.snaps.values().map(|(_, m)| m).collect();
+        let snaps: Vec<&Model> = self.snaps.values().map(|s| &s.m).collect();
         let want = self.m.du(&inside, &snaps);
         let got = self
             .ds()
             .du(&[ino])
             .unwrap_or_else(|e| self.fail(format!("du: {e}")));
-        let sharing = DU_SEES_SNAPSHOTS || self.snaps.is_empty();
         let same = got.files == want.files
             && got.logical_bytes == want.logical_bytes
             && got.stored_bytes == want.stored_bytes
-            && (!sharing || got.exclusive_bytes == want.exclusive_bytes)
-            && (!sharing || !CHECK_DU_SHARED || got.shared_bytes == want.shared_bytes);
+            && got.exclusive_bytes == want.exclusive_bytes
+            && got.shared_bytes == want.shared_bytes;
         if !same {
             self.fail(format!("du of inode {ino}: store {got:?}, model {want:?}"));
         }

@@ -17,8 +17,11 @@ use tempfile::TempDir;
 use thinfs::fs::namespace::Creator;
 use thinfs::fs::{Datastore, OpenOptions, SetAttr, MAX_FILE_SIZE};
 use thinfs::gc::{self, GcOptions};
-use thinfs::meta::FileKind;
+use thinfs::ids::Epoch;
+use thinfs::meta::{FileKind, View};
 use thinfs::FsError;
+
+use super::checks::Tree;
 
 use super::ops::{name, snap_name, Op, Shape};
 use super::reference::{Ent, MDir, Model, Sparse};
@@ -27,14 +30,6 @@ use super::reference::{Ent, MDir, Model, Sparse};
 pub const MAX_FILES: usize = 12;
 /// Directories a sequence may hold (the root included).
 pub const MAX_DIRS: usize = 8;
-/// Whether deleting a snapshot leaves the live tree alone when another snapshot remains.
-/// Until it does, snapshots are deleted only when they are the last one: see
-/// `regression_snapshot_delete_resurrects_removed_names`.
-const SNAPSHOT_DELETE_KEEPS_TOMBSTONES: bool = false;
-/// Whether a rollback drops the unlinked-but-open files the snapshot saw. Until it does,
-/// rollbacks to such snapshots are skipped: see
-/// `regression_rollback_restores_unlinked_open_files_as_leaks`.
-const ROLLBACK_DROPS_ORPHANS: bool = false;
 /// Ops `run` does before the given ones.
 const PRELUDE: usize = 3;
 /// Longest copy_range run unless source and destination offsets are equal (only those
@@ -130,7 +125,23 @@ pub struct Harness {
     /// What the last op did: "skip", "ok" or the errno both sides agreed on.
     pub(super) last: String,
     /// Snapshots by name: their stable index and the model as it was at creation.
-    pub(super) snaps: BTreeMap<String, (u32, Model)>,
+    pub(super) snaps: BTreeMap<String, Snap>,
+}
+
+/// The tree a clone or copy reads from.
+pub struct Source {
+    pub view: View,
+    pub tree: Tree,
+    /// A copy of the model of that tree.
+    pub m: Model,
+}
+
+/// A snapshot: its stable index, its epoch and the model as it was at creation.
+#[derive(Clone)]
+pub struct Snap {
+    pub index: u32,
+    pub epoch: u64,
+    pub m: Model,
 }
 
 impl Harness {
@@ -191,6 +202,29 @@ impl Harness {
             piece: 0,
             last: String::new(),
             snaps: BTreeMap::new(),
+        }
+    }
+
+    /// The live tree (`None`) or the `i`-th snapshot (modulo the count; `None` when there
+    /// is no snapshot).
+    pub(super) fn source(&self, snap: Option<u8>) -> Option<Source> {
+        match snap {
+            None => Some(Source {
+                view: View::Live,
+                tree: Tree::Live,
+                m: self.m.clone(),
+            }),
+            Some(i) => {
+                let s = self
+                    .snaps
+                    .values()
+                    .nth(i as usize % self.snaps.len().max(1))?;
+                Some(Source {
+                    view: View::At(Epoch(s.epoch)),
+                    tree: Tree::Snap(s.index),
+                    m: s.m.clone(),
+                })
+            }
         }
     }
 
@@ -312,8 +346,12 @@ impl Harness {
                     size: Some(size),
                     ..Default::default()
                 };
+                let want = match size > MAX_FILE_SIZE {
+                    true => Err(libc::EFBIG),
+                    false => Ok(()),
+                };
                 let got = self.ds().setattr(self.m.file(id).ino, &set);
-                if let Some(((), a)) = self.outcome(Ok(()), got) {
+                if let Some(((), a)) = self.outcome(want, got) {
                     if a.size != size {
                         self.fail(format!("truncate to {size} returned size {}", a.size));
                     }
@@ -441,14 +479,16 @@ impl Harness {
                 };
                 let got = self.ds().snapshot_create(&nm);
                 if let Some(((), rec)) = self.outcome(want, got) {
-                    self.snaps.insert(nm, (rec.index, self.m.clone()));
+                    let snap = Snap {
+                        index: rec.index,
+                        epoch: rec.epoch,
+                        m: self.m.clone(),
+                    };
+                    self.snaps.insert(nm, snap);
                 }
             }
             Op::SnapshotDelete { name: n } => {
                 let nm = snap_name(n);
-                if !SNAPSHOT_DELETE_KEEPS_TOMBSTONES && self.snaps.len() > 1 {
-                    return;
-                }
                 let want = match self.snaps.contains_key(&nm) {
                     true => Ok(()),
                     false => Err(libc::ENOENT),
@@ -460,13 +500,6 @@ impl Harness {
             }
             Op::Rollback { name: n } => {
                 let nm = snap_name(n);
-                if !ROLLBACK_DROPS_ORPHANS {
-                    if let Some((_, sm)) = self.snaps.get(&nm) {
-                        if sm.files.keys().any(|id| sm.nlink(*id) == 0) {
-                            return;
-                        }
-                    }
-                }
                 let want = match self.snaps.get(&nm) {
                     None => Err(libc::ENOENT),
                     Some(_) if self.m.files.values().any(|f| f.open > 0) => Err(libc::EBUSY),
@@ -474,7 +507,7 @@ impl Harness {
                 };
                 let got = self.ds().snapshot_rollback(&nm, false);
                 if self.outcome(want, got).is_some() {
-                    let mut back = self.snaps[&nm].1.clone();
+                    let mut back = self.snaps[&nm].m.clone();
                     let kept: BTreeSet<_> = back.files.values().map(|f| f.ino).collect();
                     let mut gone: BTreeSet<_> = self.m.gone.iter().copied().collect();
                     gone.extend(self.m.files.values().map(|f| f.ino));
@@ -490,13 +523,20 @@ impl Harness {
                 self.last = "ok".into();
             }
             Op::Clone {
+                snap,
                 file,
                 dir,
                 name: n,
                 force,
-            } => self.clone_file(file, dir, n, force),
-            Op::CloneDir { dir, to, name: n } => self.clone_dir(dir, to, n),
+            } => self.clone_file(snap, file, dir, n, force),
+            Op::CloneDir {
+                snap,
+                dir,
+                to,
+                name: n,
+            } => self.clone_dir(snap, dir, to, n),
             Op::CopyRange {
+                snap,
                 src,
                 src_off,
                 dst,
@@ -504,9 +544,13 @@ impl Harness {
                 len,
                 shape,
             } => {
-                let (Some(s), Some(d)) = (self.m.file_at(src), self.m.file_at(dst)) else {
+                let Some(from) = self.source(snap) else {
                     return;
                 };
+                let (Some(s), Some(d)) = (from.m.file_at(src), self.m.file_at(dst)) else {
+                    return;
+                };
+                let same_file = from.m.file(s).ino == self.m.file(d).ino;
                 let so = src_off.get(bs);
                 let dof = match shape {
                     Shape::Any => dst_off.get(bs),
@@ -517,8 +561,8 @@ impl Harness {
                     Shape::SameOffset => so,
                 };
                 let len = len.get(bs);
-                let n = len.min(self.m.file(s).data.size.saturating_sub(so));
-                if n > COPY_LIMIT && (so != dof || s == d) {
+                let n = len.min(from.m.file(s).data.size.saturating_sub(so));
+                if n > COPY_LIMIT && (so != dof || (same_file && snap.is_none())) {
                     // The core copies such ranges byte by byte or lists every block: O(len).
                     // (Overlapping copies within a file never come from the kernel.)
                     return;
@@ -528,14 +572,18 @@ impl Harness {
                 } else {
                     Ok(n)
                 };
-                let (si, di) = (self.m.file(s).ino, self.m.file(d).ino);
-                let got = self.ds().copy_range(si, so, di, dof, len);
+                let (node, di) = (from.tree.node(from.m.file(s).ino), self.m.file(d).ino);
+                let got = match snap {
+                    None => self.ds().copy_range(from.m.file(s).ino, so, di, dof, len),
+                    Some(_) => self.ds().copy_range_from(node, so, di, dof, len),
+                };
                 if let Some((w, g)) = self.outcome(want, got) {
                     if w != g {
                         self.fail(format!("copy_range returned {g}, model copies {w}"));
                     }
-                    let src = self.m.file(s).data.clone();
-                    self.m.file_mut(d).data.copy_from(&src, so, dof, n);
+                    // `from` is a copy taken before the op: a copy within a file is right.
+                    let src = &from.m.file(s).data;
+                    self.m.file_mut(d).data.copy_from(src, so, dof, n);
                 }
             }
             Op::Unlink { entry } => {

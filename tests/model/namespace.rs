@@ -11,8 +11,11 @@ use super::ops::{name, RenameMode};
 use super::reference::{Ent, MDir};
 
 impl Harness {
-    pub(super) fn clone_file(&mut self, file: u8, dir: u8, n: u8, force: bool) {
-        let Some(src) = self.m.file_at(file) else {
+    pub(super) fn clone_file(&mut self, snap: Option<u8>, file: u8, dir: u8, n: u8, force: bool) {
+        let Some(from) = self.source(snap) else {
+            return;
+        };
+        let Some(src) = from.m.file_at(file) else {
             return;
         };
         if self.m.files.len() >= MAX_FILES {
@@ -25,11 +28,15 @@ impl Harness {
             Some(Ent::File(_)) if force => Ok(()),
             Some(_) => Err(libc::EEXIST),
         };
-        let got = self
-            .ds()
-            .clone_path(self.m.file(src).ino, self.m.dirs[d].ino, &nm, force);
+        let got = self.ds().clone_from(
+            from.view,
+            from.m.file(src).ino,
+            self.m.dirs[d].ino,
+            &nm,
+            force,
+        );
         if let Some(((), a)) = self.outcome(want, got) {
-            let data = self.m.file(src).data.clone();
+            let data = from.m.file(src).data.clone();
             let blocks = data.data_blocks(self.bs).len() as u64 * self.bs / 512;
             if a.size != data.size || a.blocks != blocks || a.nlink != 1 {
                 self.fail(format!(
@@ -44,28 +51,33 @@ impl Harness {
         }
     }
 
-    pub(super) fn clone_dir(&mut self, dir: u8, to: u8, n: u8) {
-        if self.m.dirs.len() < 2 {
+    pub(super) fn clone_dir(&mut self, snap: Option<u8>, dir: u8, to: u8, n: u8) {
+        let Some(from) = self.source(snap) else {
             return;
-        }
-        let s = 1 + dir as usize % (self.m.dirs.len() - 1);
+        };
+        let src_m = &from.m;
+        let s = match snap {
+            // The live root always contains the destination: cloning it fails (EINVAL).
+            None if src_m.dirs.len() < 2 => return,
+            None => 1 + dir as usize % (src_m.dirs.len() - 1),
+            Some(_) => src_m.dir_at(dir),
+        };
         let (t, nm) = (self.m.dir_at(to), name(n).to_vec());
-        let sub = self.m.subtree(s);
-        if self.m.dirs.len() + sub.len() > MAX_DIRS
-            || self.m.files.len() + self.m.files_within(s).len() > MAX_FILES
+        if self.m.dirs.len() + src_m.subtree(s).len() > MAX_DIRS
+            || self.m.files.len() + src_m.files_within(s).len() > MAX_FILES
         {
             return;
         }
         let want = if self.m.entries.contains_key(&(t, nm.clone())) {
             Err(libc::EEXIST)
-        } else if self.m.is_within(t, s) {
+        } else if snap.is_none() && self.m.is_within(t, s) {
             Err(libc::EINVAL)
         } else {
             Ok(())
         };
-        let got = self
-            .ds()
-            .clone_path(self.m.dirs[s].ino, self.m.dirs[t].ino, &nm, false);
+        let got =
+            self.ds()
+                .clone_from(from.view, src_m.dirs[s].ino, self.m.dirs[t].ino, &nm, false);
         let Some(((), a)) = self.outcome(want, got) else {
             return;
         };
@@ -82,8 +94,7 @@ impl Harness {
         let mut files: BTreeMap<u64, u64> = BTreeMap::new();
         let mut queue = vec![(s, top)];
         while let Some((old, new)) = queue.pop() {
-            let children: Vec<(Vec<u8>, Ent)> = self
-                .m
+            let children: Vec<(Vec<u8>, Ent)> = src_m
                 .entries
                 .iter()
                 .filter(|((p, _), _)| *p == old)
@@ -107,7 +118,7 @@ impl Harness {
                     Ent::File(f) => match files.get(&f) {
                         Some(&nf) => Ent::File(nf),
                         None => {
-                            let data = self.m.file(f).data.clone();
+                            let data = src_m.file(f).data.clone();
                             let nf = self.m.add_file(a.ino, data);
                             files.insert(f, nf);
                             Ent::File(nf)

@@ -6,6 +6,7 @@
 //! ([`Off`], [`Len`]) so that one sequence hits block boundaries at any block size.
 
 use proptest::prelude::*;
+use thinfs::fs::MAX_FILE_SIZE;
 
 /// Far offsets start here: 1 TiB, deep in a sparse tree.
 pub const FAR: u64 = 1 << 40;
@@ -33,6 +34,8 @@ pub enum Off {
     Block(u8, i16),
     /// 1 TiB plus a byte offset.
     Far(u32),
+    /// The largest file size minus 8 KiB plus a byte offset (some of them past it).
+    NearMax(u16),
 }
 
 impl Off {
@@ -42,6 +45,7 @@ impl Off {
             Off::Page(k) => k as u64 * 4096,
             Off::Block(k, d) => (k as u64 * bs).saturating_add_signed(d as i64),
             Off::Far(x) => FAR + x as u64,
+            Off::NearMax(x) => MAX_FILE_SIZE - 8192 + x as u64,
         }
     }
 }
@@ -57,6 +61,8 @@ pub enum Len {
     Bytes(u32),
     /// `k` blocks plus a small signed delta.
     Blocks(u8, i16),
+    /// 1 MiB plus a byte count: enough dirty data for the parallel hashing of a flush.
+    Mib(u32),
     /// Far past any end of file (range ops only).
     Huge,
     /// Past the largest file size (range ops only).
@@ -68,6 +74,7 @@ impl Len {
         match self {
             Len::Bytes(x) => x as u64,
             Len::Blocks(k, d) => (k as u64 * bs).saturating_add_signed(d as i64),
+            Len::Mib(x) => (1 << 20) + x as u64,
             Len::Huge => HUGE,
             Len::TooBig => TOO_BIG,
         }
@@ -202,19 +209,26 @@ pub enum Op {
     },
     /// Drop the store (Drop flushes) and open it again.
     Remount,
+    /// Clone the `file`-th file of the live tree, or of the `snap`-th snapshot.
     Clone {
+        snap: Option<u8>,
         file: u8,
         dir: u8,
         name: u8,
         force: bool,
     },
-    /// Clone the `dir`-th directory other than the root (the root always fails: EINVAL).
+    /// Clone the `dir`-th directory of the live tree other than the root (cloning the
+    /// root into itself always fails with EINVAL), or of the `snap`-th snapshot.
     CloneDir {
+        snap: Option<u8>,
         dir: u8,
         to: u8,
         name: u8,
     },
+    /// copy_file_range from the `src`-th file of the live tree or of the `snap`-th
+    /// snapshot into the `dst`-th live file.
     CopyRange {
+        snap: Option<u8>,
         src: u8,
         src_off: Off,
         dst: u8,
@@ -275,6 +289,7 @@ fn off() -> impl Strategy<Value = Off> {
         3 => (0u8..100).prop_map(Off::Page),
         3 => (0u8..=12, prop_oneof![Just(0i16), -2i16..=2]).prop_map(|(k, d)| Off::Block(k, d)),
         1 => (0u32..300_000).prop_map(Off::Far),
+        1 => (0u16..16384).prop_map(Off::NearMax),
     ]
 }
 
@@ -283,6 +298,7 @@ fn data_len() -> impl Strategy<Value = Len> {
         3 => (0u32..300).prop_map(Len::Bytes),
         4 => (0u32..200_000).prop_map(Len::Bytes),
         3 => (1u8..=6, prop_oneof![Just(0i16), -2i16..=2]).prop_map(|(k, d)| Len::Blocks(k, d)),
+        1 => (0u32..1_000_000).prop_map(Len::Mib),
     ]
 }
 
@@ -315,6 +331,11 @@ fn rename_mode() -> impl Strategy<Value = RenameMode> {
     ]
 }
 
+/// Mostly the live tree; sometimes a snapshot (skipped while there is none).
+fn snap() -> impl Strategy<Value = Option<u8>> {
+    prop::option::weighted(0.25, any::<u8>())
+}
+
 /// One random operation, weighted towards data operations.
 pub fn op() -> impl Strategy<Value = Op> {
     let i = || any::<u8>();
@@ -335,12 +356,14 @@ pub fn op() -> impl Strategy<Value = Op> {
         3 => i().prop_map(|file| Op::Open { file }),
         3 => i().prop_map(|file| Op::Close { file }),
         3 => Just(Op::Remount),
-        7 => (i(), i(), n(), any::<bool>())
-            .prop_map(|(file, dir, name, force)| Op::Clone { file, dir, name, force }),
-        3 => (i(), i(), n()).prop_map(|(dir, to, name)| Op::CloneDir { dir, to, name }),
-        8 => (i(), off(), i(), off(), range_len(), shape()).prop_map(
-            |(src, src_off, dst, dst_off, len, shape)| Op::CopyRange {
-                src, src_off, dst, dst_off, len, shape
+        7 => (snap(), i(), i(), n(), any::<bool>()).prop_map(|(snap, file, dir, name, force)| {
+            Op::Clone { snap, file, dir, name, force }
+        }),
+        3 => (snap(), i(), i(), n())
+            .prop_map(|(snap, dir, to, name)| Op::CloneDir { snap, dir, to, name }),
+        8 => (snap(), i(), off(), i(), off(), range_len(), shape()).prop_map(
+            |(snap, src, src_off, dst, dst_off, len, shape)| Op::CopyRange {
+                snap, src, src_off, dst, dst_off, len, shape
             }
         ),
         5 => (i(), n()).prop_map(|(dir, name)| Op::Create { dir, name }),

@@ -1,6 +1,6 @@
 //! Named regression tests: failures the property test found, reduced to a few calls.
 //! Each says what the shrunk op sequence was, what the model expects and what the store
-//! did.
+//! did before the fix (all five fixed in 37b15b2).
 
 use thinfs::InodeNo;
 
