@@ -6,8 +6,8 @@
 //! SEEK_DATA/SEEK_HOLE are compared on `Seek` ops and at the end, not after every op,
 //! because lseek flushes the write-back buffer and the buffered paths need testing too.
 //! Snapshots are model copies taken at `Snapshot`; they are compared on `CheckSnapshots`,
-//! after GC and at the end. A sequence ends with a full check, an fsck between two
-//! opens, and another full check.
+//! after GC and at the end. GC is invisible to the model (`gc.rs`). A sequence ends with
+//! a full check, an fsck between two opens, and another full check.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use thinfs::fs::namespace::Creator;
 use thinfs::fs::{Datastore, OpenOptions, SetAttr, MAX_FILE_SIZE};
-use thinfs::gc::{self, GcOptions};
 use thinfs::ids::Epoch;
 use thinfs::meta::{FileKind, View};
 use thinfs::FsError;
@@ -461,16 +460,12 @@ impl Harness {
                 self.last = "ok".into();
                 self.m.close_all();
             }
-            Op::Gc { compact_all } => {
-                let opts = GcOptions {
-                    compact_threshold: if compact_all { 1.0 } else { 0.5 },
-                    ..Default::default()
-                };
-                gc::collect(self.ds(), &opts, &|_| {})
-                    .unwrap_or_else(|e| self.fail(format!("gc: {e}")));
-                self.last = "ok".into();
-                self.check_after_gc();
-            }
+            Op::Gc { compact_all } => self.gc(compact_all),
+            Op::GcWith {
+                compact_all,
+                at,
+                ref op,
+            } => self.gc_with(compact_all, at, op),
             Op::Snapshot { name: n } => {
                 let nm = snap_name(n);
                 let want = match self.snaps.contains_key(&nm) {

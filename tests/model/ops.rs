@@ -125,6 +125,21 @@ impl Fill {
     }
 }
 
+/// Where a racing op pauses a collection (the `n`-th inode version marked; the first
+/// sweep batch, pack copied, repointed, deleted...).
+#[derive(Clone, Copy, Debug)]
+pub enum GcAt {
+    Begun,
+    Marked(u8),
+    MarkDone,
+    Swept,
+    SweepDone,
+    Copied,
+    Repointed,
+    Deleting,
+    Deleted,
+}
+
 /// How a copy_range's destination offset relates to its source offset.
 #[derive(Clone, Copy, Debug)]
 pub enum Shape {
@@ -263,6 +278,13 @@ pub enum Op {
     Gc {
         compact_all: bool,
     },
+    /// Garbage collection paused at `at` while `op` runs (after it, for ops that close
+    /// the store or collect themselves).
+    GcWith {
+        compact_all: bool,
+        at: GcAt,
+        op: Box<Op>,
+    },
     Snapshot {
         name: u8,
     },
@@ -336,8 +358,35 @@ fn snap() -> impl Strategy<Value = Option<u8>> {
     prop::option::weighted(0.25, any::<u8>())
 }
 
-/// One random operation, weighted towards data operations.
-pub fn op() -> impl Strategy<Value = Op> {
+fn gc_at() -> impl Strategy<Value = GcAt> {
+    prop_oneof![
+        Just(GcAt::Begun),
+        (0u8..8).prop_map(GcAt::Marked),
+        Just(GcAt::MarkDone),
+        Just(GcAt::Swept),
+        Just(GcAt::SweepDone),
+        Just(GcAt::Copied),
+        Just(GcAt::Repointed),
+        Just(GcAt::Deleting),
+        Just(GcAt::Deleted),
+    ]
+}
+
+/// One random operation, weighted towards data operations; now and then a garbage
+/// collection with another op racing it.
+pub fn op() -> BoxedStrategy<Op> {
+    prop_oneof![
+        60 => base_op(),
+        1 => (any::<bool>(), gc_at(), base_op()).prop_map(|(compact_all, at, op)| Op::GcWith {
+            compact_all,
+            at,
+            op: Box::new(op),
+        }),
+    ]
+    .boxed()
+}
+
+fn base_op() -> impl Strategy<Value = Op> {
     let i = || any::<u8>();
     let n = || 0u8..NAMES.len() as u8;
     prop_oneof![
