@@ -144,6 +144,32 @@ impl Harness {
                     f.ino, a.kind, a.size, a.blocks, a.nlink, f.data.size
                 ));
             }
+            let xattrs = ds
+                .node_inode(node)
+                .unwrap_or_else(|e| self.fail(format!("{tree:?} inode of {}: {e}", f.ino)))
+                .xattrs;
+            if xattrs != f.xattrs {
+                self.fail(format!(
+                    "{tree:?} inode {} xattrs {xattrs:?}, model {:?}",
+                    f.ino, f.xattrs
+                ));
+            }
+            if let Tree::Live = tree {
+                for (n, v) in &f.xattrs {
+                    let got = ds.getxattr(f.ino, n);
+                    if got.as_ref().ok() != Some(v) {
+                        self.fail(format!(
+                            "inode {} getxattr {n:?}: {got:?}, model {v:?}",
+                            f.ino
+                        ));
+                    }
+                }
+                let mut names = ds.listxattr(f.ino).unwrap_or_else(|e| self.fail(e));
+                names.sort();
+                if !names.iter().eq(f.xattrs.keys()) {
+                    self.fail(format!("inode {} listxattr {names:?}", f.ino));
+                }
+            }
             self.check_bytes(node, &f.data);
         }
     }

@@ -22,8 +22,8 @@ use thinfs::FsError;
 
 use super::checks::Tree;
 
-use super::ops::{name, snap_name, Op, Shape};
-use super::reference::{Ent, MDir, Model, Sparse};
+use super::ops::{name, snap_name, xattr_name, xattr_value, Op, Shape};
+use super::reference::{Ent, MDir, Model};
 
 /// Live files (named or open) a sequence may hold; creates and clones beyond are skipped.
 pub const MAX_FILES: usize = 12;
@@ -281,7 +281,7 @@ impl Harness {
                     if a.size != 0 || a.nlink != 1 || a.kind != FileKind::File {
                         self.fail(format!("create returned {a:?}"));
                     }
-                    let id = self.m.add_file(a.ino, Sparse::default());
+                    let id = self.m.add_file(a.ino, None);
                     self.m.entries.insert((d, nm.to_vec()), Ent::File(id));
                 }
             }
@@ -613,6 +613,42 @@ impl Harness {
                 let got = self.ds().link(self.m.file(id).ino, self.m.dirs[d].ino, nm);
                 if self.outcome(want, got).is_some() {
                     self.m.entries.insert((d, nm.to_vec()), Ent::File(id));
+                }
+            }
+            Op::SetXattr {
+                file,
+                name: n,
+                value,
+                flags,
+            } => {
+                let Some(id) = self.m.file_at(file) else {
+                    return;
+                };
+                let (nm, v) = (xattr_name(n), xattr_value(value));
+                let exists = self.m.file(id).xattrs.contains_key(&nm);
+                let flags = (flags % 3) as i32; // 0, XATTR_CREATE, XATTR_REPLACE
+                let want = match (flags, exists) {
+                    (1, true) => Err(libc::EEXIST),
+                    (2, false) => Err(libc::ENODATA),
+                    _ => Ok(()),
+                };
+                let got = self.ds().setxattr(self.m.file(id).ino, &nm, &v, flags);
+                if self.outcome(want, got).is_some() {
+                    self.m.file_mut(id).xattrs.insert(nm, v);
+                }
+            }
+            Op::RemoveXattr { file, name: n } => {
+                let Some(id) = self.m.file_at(file) else {
+                    return;
+                };
+                let nm = xattr_name(n);
+                let want = match self.m.file(id).xattrs.contains_key(&nm) {
+                    true => Ok(()),
+                    false => Err(libc::ENODATA),
+                };
+                let got = self.ds().removexattr(self.m.file(id).ino, &nm);
+                if self.outcome(want, got).is_some() {
+                    self.m.file_mut(id).xattrs.remove(&nm);
                 }
             }
             Op::Stats => {

@@ -44,7 +44,7 @@ impl Harness {
                     data.size
                 ));
             }
-            let id = self.m.add_file(a.ino, data);
+            let id = self.m.add_file(a.ino, Some(from.m.file(src)));
             if let Some(Ent::File(old)) = self.m.entries.insert((d, nm), Ent::File(id)) {
                 self.m.reap(old);
             }
@@ -118,8 +118,7 @@ impl Harness {
                     Ent::File(f) => match files.get(&f) {
                         Some(&nf) => Ent::File(nf),
                         None => {
-                            let data = src_m.file(f).data.clone();
-                            let nf = self.m.add_file(a.ino, data);
+                            let nf = self.m.add_file(a.ino, Some(src_m.file(f)));
                             files.insert(f, nf);
                             Ent::File(nf)
                         }

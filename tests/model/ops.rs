@@ -50,6 +50,16 @@ impl Off {
     }
 }
 
+/// Extended attribute names: two.
+pub fn xattr_name(i: u8) -> Vec<u8> {
+    format!("user.x{}", i % 2).into_bytes()
+}
+
+/// An attribute value of `len % 40` bytes (empty values are legal).
+pub fn xattr_value(len: u8) -> Vec<u8> {
+    (0..len % 40).map(|i| len ^ i).collect()
+}
+
 /// Snapshot names: three, so creates collide.
 pub fn snap_name(i: u8) -> String {
     format!("s{}", i % 3)
@@ -297,6 +307,18 @@ pub enum Op {
     },
     /// Compare every snapshot with its model copy.
     CheckSnapshots,
+    /// setxattr of the `name`-th of two user attributes; `flags` 0, XATTR_CREATE or
+    /// XATTR_REPLACE (modulo 3).
+    SetXattr {
+        file: u8,
+        name: u8,
+        value: u8,
+        flags: u8,
+    },
+    RemoveXattr {
+        file: u8,
+        name: u8,
+    },
     /// Store-wide stats against the model.
     Stats,
     /// du of the `target`-th of (files, then directories).
@@ -423,6 +445,10 @@ fn base_op() -> impl Strategy<Value = Op> {
             .prop_map(|(entry, dir, name, mode)| Op::Rename { entry, dir, name, mode }),
         2 => (i(), i(), n()).prop_map(|(file, dir, name)| Op::Link { file, dir, name }),
         1 => Just(Op::Stats),
+        3 => (i(), 0u8..2, any::<u8>(), 0u8..3).prop_map(|(file, name, value, flags)| {
+            Op::SetXattr { file, name, value, flags }
+        }),
+        1 => (i(), 0u8..2).prop_map(|(file, name)| Op::RemoveXattr { file, name }),
         1 => Just(Op::Fsck),
         2 => any::<bool>().prop_map(|compact_all| Op::Gc { compact_all }),
         3 => (0u8..3).prop_map(|name| Op::Snapshot { name }),

@@ -184,6 +184,8 @@ pub struct MFile {
     pub data: Sparse,
     /// Handles opened by `open_file` and not yet released.
     pub open: u32,
+    /// Extended attributes (a clone copies them).
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 /// A directory of the model. Directories are never removed.
@@ -281,10 +283,21 @@ impl Model {
         self.files.get_mut(&id).expect("live model file")
     }
 
-    pub fn add_file(&mut self, ino: InodeNo, data: Sparse) -> u64 {
+    /// Adds a file: a new one, or the clone of `like`.
+    pub fn add_file(&mut self, ino: InodeNo, like: Option<&MFile>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.files.insert(id, MFile { ino, data, open: 0 });
+        let (data, xattrs) = match like {
+            Some(f) => (f.data.clone(), f.xattrs.clone()),
+            None => Default::default(),
+        };
+        let f = MFile {
+            ino,
+            data,
+            open: 0,
+            xattrs,
+        };
+        self.files.insert(id, f);
         id
     }
 
