@@ -97,17 +97,30 @@ pub struct InodeVersion {
 impl Meta {
     /// Opens (or creates) the sled database in `dir`.
     pub fn open(dir: &Path) -> Result<Meta> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(256 << 20)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) => {
-                    FsError::io(format!("opening metadata in {}", dir.display()), io)
+            .flush_every_ms(Some(1000));
+        // sled 0.34's background thread may still hold the file lock for a moment after
+        // a database in this process was dropped (sled#1234): retry briefly.
+        let mut tries = 0;
+        let opened = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 40 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                other => FsError::Meta(format!("opening metadata in {}: {other}", dir.display())),
-            })?;
+                other => break other,
+            }
+        };
+        let db = opened.map_err(|e| match e {
+            sled::Error::Io(io) => {
+                FsError::io(format!("opening metadata in {}", dir.display()), io)
+            }
+            other => FsError::Meta(format!("opening metadata in {}: {other}", dir.display())),
+        })?;
         let meta = Meta {
             db,
             epoch: AtomicU64::new(1),

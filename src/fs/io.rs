@@ -599,14 +599,18 @@ impl Datastore {
                 self.maps
                     .graft(g.inode.map, src_root, first, last, &mut batch)?
             } else {
-                let mut changes: BTreeMap<u64, Option<ChunkId>> =
-                    (d_first..d_last).map(|i| (i, None)).collect();
+                // Clear the target range by subtrees, then set only the source's data
+                // blocks: cost follows the data, not the length (holes are free).
+                let cleared = self
+                    .maps
+                    .clear_range(g.inode.map, d_first, d_last, &mut batch)?;
+                let mut changes: BTreeMap<u64, Option<ChunkId>> = BTreeMap::new();
                 self.maps
                     .for_each_chunk(src_root, first, last, &mut |idx, id| {
                         changes.insert((idx as i64 + delta_blocks) as u64, Some(id));
                         Ok(())
                     })?;
-                self.maps.update(g.inode.map, &changes, &mut batch)?
+                self.maps.update(cleared, &changes, &mut batch)?
             };
             let now = Timestamp::now();
             g.inode.size = g.inode.size.max(d_last * bs);
