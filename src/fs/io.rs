@@ -368,21 +368,34 @@ impl Datastore {
                 let in_off = (size % bs) as usize;
                 self.patch_block(st, size / bs, in_off, None, bs as usize - in_off)?;
             }
-            let gone: Vec<u64> = st.dirty.range(keep..).map(|(k, _)| *k).collect();
-            for idx in gone {
-                if let Some(d) = st.dirty.remove(&idx) {
-                    let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
-                    st.dirty_bytes -= len;
-                    self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
-                }
-            }
-            st.inode.map = self.maps.clear_range(st.inode.map, keep, u64::MAX, batch)?;
+            self.clear_blocks(st, keep, u64::MAX, batch)?;
         }
         st.inode.size = size;
         let now = Timestamp::now();
         st.inode.mtime = now;
         st.inode.ctime = now;
         st.attr_dirty = true;
+        Ok(())
+    }
+
+    /// Makes blocks `[start, end)` of a locked file holes: drops them from the write-back
+    /// buffer and clears them from the committed map by whole subtrees.
+    fn clear_blocks(
+        &self,
+        st: &mut InodeState,
+        start: u64,
+        end: u64,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let gone: Vec<u64> = st.dirty.range(start..end).map(|(k, _)| *k).collect();
+        for idx in gone {
+            if let Some(d) = st.dirty.remove(&idx) {
+                let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+                st.dirty_bytes -= len;
+                self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
+            }
+        }
+        st.inode.map = self.maps.clear_range(st.inode.map, start, end, batch)?;
         Ok(())
     }
 
@@ -419,21 +432,7 @@ impl Datastore {
             self.patch_block(st, end / bs, 0, None, (end % bs) as usize)?;
         }
         if first_full < last_full {
-            let gone: Vec<u64> = st
-                .dirty
-                .range(first_full..last_full)
-                .map(|(k, _)| *k)
-                .collect();
-            for idx in gone {
-                if let Some(d) = st.dirty.remove(&idx) {
-                    let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
-                    st.dirty_bytes -= len;
-                    self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
-                }
-            }
-            st.inode.map = self
-                .maps
-                .clear_range(st.inode.map, first_full, last_full, batch)?;
+            self.clear_blocks(st, first_full, last_full, batch)?;
         }
         Ok(())
     }
