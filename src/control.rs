@@ -77,21 +77,8 @@ pub struct Reply {
 /// everything cached about inode `parent`. Set by the FUSE mount.
 pub type Invalidator = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
-/// Answers one request against the datastore.
-pub fn handle(ds: &Datastore, req: Request) -> Result<serde_json::Value> {
-    handle_with(ds, req, &|_, _| {})
-}
-
-/// Answers one request, invalidating kernel caches of what it replaced.
-pub fn handle_with(
-    ds: &Datastore,
-    req: Request,
-    invalidate: &dyn Fn(u64, &[u8]),
-) -> Result<serde_json::Value> {
-    handle_streaming(ds, req, invalidate, &|_| {})
-}
-
-/// Answers one request, reporting progress of long ones through `progress`.
+/// Answers one request against the datastore, invalidating kernel caches of what it
+/// replaced and reporting progress of long requests through `progress`.
 pub fn handle_streaming(
     ds: &Datastore,
     req: Request,
