@@ -2,12 +2,12 @@
 //!
 //! A regular file is a sequence of fixed-size logical blocks. Block `i` is either a hole
 //! (reads as zeros, stores nothing) or the chunk whose BLAKE3 hash is recorded for it.
-//! The map from block index to chunk is a radix tree of fan-out [`FANOUT`] (256):
+//! The map from block index to chunk is a radix tree of fan-out [`FANOUT`] (64):
 //!
 //! ```text
 //!   MapRoot { node, depth = 2, blocks }          (in the inode record)
 //!            |
-//!        [level 2 node]   slot s covers blocks [s*256, s*256 + 256)
+//!        [level 2 node]   slot s covers blocks [s*64, s*64 + 64)
 //!         /     \
 //!   [level 1]  [level 1]  slot s -> chunk hash of block base + s
 //! ```
@@ -43,11 +43,14 @@ use crate::gc::Pins;
 use crate::ids::ChunkId;
 use crate::meta::{Batch, MapRoot, Meta};
 
-/// Slots per node.
-pub const FANOUT: u64 = 256;
-const FANOUT_BITS: u32 = 8;
-/// Deepest tree allowed: 256^7 blocks is beyond any file size thinfs accepts.
-const MAX_DEPTH: u8 = 7;
+/// Slots per node. 64 rather than 256: a small write rewrites one node per level, and
+/// with 64 slots a path of a 32 GiB file is 4 nodes of <= 2.6 KiB (7.7 KiB) instead of
+/// 3 nodes of <= 10.5 KiB (20 KiB): less metadata written per fsync, less garbage per
+/// overwrite, 4x smaller cached nodes (measured in the issue 6 note).
+pub const FANOUT: u64 = 64;
+const FANOUT_BITS: u32 = 6;
+/// Deepest tree allowed: 64^10 blocks is beyond any file size thinfs accepts.
+pub const MAX_DEPTH: u8 = 10;
 /// Cached decoded nodes before the cache is emptied (bounds daemon memory).
 const NODE_CACHE_LIMIT: usize = 16384;
 /// Format byte of a node encoding.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{FsError, Result};
 
 /// The on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Name of the identity file inside a store.
 pub const CONFIG_FILE: &str = "thinfs.toml";
 /// Default logical block size (see the fleet benchmark in scripts/bench.sh).
@@ -219,7 +219,7 @@ mod tests {
         let text = fs::read_to_string(StoreConfig::path(dir.path())).unwrap();
         fs::write(
             StoreConfig::path(dir.path()),
-            text.replace("format_version = 1", "format_version = 999"),
+            text.replace("format_version = 2", "format_version = 999"),
         )
         .unwrap();
         let err = StoreConfig::load(dir.path()).unwrap_err().to_string();

@@ -267,7 +267,7 @@ struct MapCheck<'a> {
 impl MapCheck<'_> {
     /// Data blocks under `root`, or `None` if some node of it is bad.
     fn root(&mut self, root: MapRoot) -> Result<Option<u64>> {
-        if root.depth == 0 || root.depth > 7 {
+        if root.depth == 0 || root.depth > crate::blockmap::MAX_DEPTH {
             self.bad
                 .push((root.node, format!("map root claims depth {}", root.depth)));
             return Ok(None);
