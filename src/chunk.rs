@@ -16,6 +16,7 @@ pub mod pack;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -38,6 +39,8 @@ pub struct ChunkStore {
     active: Mutex<ActivePack>,
     /// Packs appended to since the last sync.
     unsynced: Mutex<BTreeSet<u32>>,
+    /// A pack file was created since the last sync: the directory needs a sync too.
+    dir_unsynced: AtomicBool,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
 }
@@ -55,6 +58,7 @@ impl ChunkStore {
             readers,
             active: Mutex::new(active),
             unsynced: Mutex::new(BTreeSet::new()),
+            dir_unsynced: AtomicBool::new(true),
             pins,
         })
     }
@@ -83,6 +87,81 @@ impl ChunkStore {
         Ok(true)
     }
 
+    /// Creates pack `id` for appends; the next sync also syncs the directory.
+    fn new_pack(&self, id: u32) -> Result<ActivePack> {
+        let pack = ActivePack::create(&self.dir, id)?;
+        self.dir_unsynced.store(true, Ordering::SeqCst);
+        self.readers.insert(pack.id, pack.file.clone());
+        Ok(pack)
+    }
+
+    /// Stores several chunks, already hashed, skipping those the store has (like
+    /// [`ChunkStore::put_hashed`] for each): the new records go to the pack in one write
+    /// per pack and their index entries in one metadata batch.
+    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<()> {
+        let mut new: Vec<(ChunkId, &[u8])> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &(id, data) in chunks {
+            self.pins.pin(&id);
+            if seen.insert(id) && self.meta.chunk_loc(&id)?.is_none() {
+                new.push((id, data));
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locs = Vec::with_capacity(new.len());
+        let mut group: Vec<(ChunkId, &[u8])> = Vec::new();
+        let mut group_len = 0u64;
+        for (id, data) in new {
+            // Checked again under the lock: another writer may have stored it meanwhile.
+            if self.meta.chunk_loc(&id)?.is_some() {
+                continue;
+            }
+            let rec_len = pack::HEADER_LEN + data.len() as u64;
+            if !group.is_empty() && active.len + group_len + rec_len > PACK_TARGET {
+                locs.extend(self.append_group_locked(&mut active, &group)?);
+                group.clear();
+                group_len = 0;
+            }
+            group.push((id, data));
+            group_len += rec_len;
+        }
+        if !group.is_empty() {
+            locs.extend(self.append_group_locked(&mut active, &group)?);
+        }
+        self.meta.put_chunk_locs(&locs)
+    }
+
+    /// Appends records to the active pack in one write (rotating it first when full).
+    fn append_group_locked(
+        &self,
+        active: &mut ActivePack,
+        group: &[(ChunkId, &[u8])],
+    ) -> Result<Vec<(ChunkId, ChunkLoc)>> {
+        if active.len >= PACK_TARGET {
+            *active = self.new_pack(active.id + 1)?;
+        }
+        let offsets = active.append_many(group)?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(active.id);
+        Ok(group
+            .iter()
+            .zip(offsets)
+            .map(|(&(id, data), offset)| {
+                let loc = ChunkLoc {
+                    pack: active.id,
+                    offset,
+                    len: data.len() as u32,
+                };
+                (id, loc)
+            })
+            .collect())
+    }
+
     /// Appends a record to the active pack (rotating it when full); the caller holds
     /// `active`. The pack is listed for the next [`ChunkStore::sync`].
     fn append_locked(
@@ -92,9 +171,7 @@ impl ChunkStore {
         data: &[u8],
     ) -> Result<ChunkLoc> {
         if active.len >= PACK_TARGET {
-            let next = ActivePack::create(&self.dir, active.id + 1)?;
-            self.readers.insert(next.id, next.file.clone());
-            *active = next;
+            *active = self.new_pack(active.id + 1)?;
         }
         let offset = active.append(id, data)?;
         self.unsynced
@@ -182,10 +259,12 @@ impl ChunkStore {
                 return Err(FsError::io(format!("syncing pack {id}"), e));
             }
         }
-        if !packs.is_empty() {
-            // New pack files must have durable directory entries too.
-            if let Ok(d) = File::open(&self.dir) {
-                let _ = d.sync_all();
+        // New pack files must have durable directory entries too.
+        if self.dir_unsynced.swap(false, Ordering::SeqCst) {
+            let synced = File::open(&self.dir).and_then(|d| d.sync_all());
+            if let Err(e) = synced {
+                self.dir_unsynced.store(true, Ordering::SeqCst);
+                return Err(FsError::io(format!("syncing {}", self.dir.display()), e));
             }
         }
         Ok(())
@@ -216,8 +295,7 @@ impl ChunkStore {
         if active.len == 0 {
             return Ok(None);
         }
-        let next = ActivePack::create(&self.dir, active.id + 1)?;
-        self.readers.insert(next.id, next.file.clone());
+        let next = self.new_pack(active.id + 1)?;
         let old = std::mem::replace(&mut *active, next);
         Ok(Some((old.id, old.len)))
     }

@@ -19,8 +19,10 @@
 //!   at most one inode lock at a time.
 
 mod clone;
+mod durable;
 mod io;
 pub mod namespace;
+mod prestore;
 pub mod snapshot;
 mod stats;
 
@@ -75,6 +77,10 @@ struct Dirty {
     data: Option<Arc<[u8]>>,
     /// Whether the committed map has data at this block.
     was_data: bool,
+    /// The data's chunk name, once hashed (by a pre-store worker or the flush).
+    hash: Arc<std::sync::OnceLock<ChunkId>>,
+    /// Handed to the pre-store workers.
+    queued: bool,
 }
 
 /// The in-memory state of a cached inode.
@@ -82,6 +88,8 @@ pub struct InodeState {
     inode: Inode,
     dirty: BTreeMap<u64, Dirty>,
     dirty_bytes: usize,
+    /// Dirty bytes not yet handed to the pre-store workers.
+    unqueued_bytes: usize,
     /// Attributes differ from the committed record.
     attr_dirty: bool,
     /// Open file handles.
@@ -94,6 +102,7 @@ impl InodeState {
             inode,
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
+            unqueued_bytes: 0,
             attr_dirty: false,
             open: 0,
         }
@@ -179,6 +188,10 @@ pub struct Datastore {
     /// Held for the life of the datastore: one daemon per store.
     _lock: File,
     stop: Arc<AtomicBool>,
+    /// Concurrent fsyncs share durability barriers.
+    group_sync: durable::GroupSync,
+    /// Workers that hash and store dirty blocks ahead of their flush.
+    prestore: prestore::Prestore,
 }
 
 impl Datastore {
@@ -271,10 +284,13 @@ impl Datastore {
             dirty_total: AtomicI64::new(0),
             _lock: lock,
             stop: Arc::new(AtomicBool::new(false)),
+            group_sync: durable::GroupSync::default(),
+            prestore: prestore::Prestore::idle(),
         });
         ds.drop_orphans()?;
         if !opts.no_background {
             spawn_flusher(&ds);
+            prestore::Prestore::start(&ds);
         }
         Ok(ds)
     }
@@ -327,8 +343,7 @@ impl Datastore {
                 first_err.get_or_insert(e);
             }
         }
-        self.chunks.sync()?;
-        self.meta.flush()?;
+        self.barrier()?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -338,6 +353,7 @@ impl Datastore {
     /// Flushes everything and stops background work (unmount).
     pub fn shutdown(&self) -> Result<()> {
         self.stop.store(true, Ordering::SeqCst);
+        self.prestore.stop();
         self.sync_all()
     }
 
@@ -570,7 +586,27 @@ fn spawn_flusher(ds: &Arc<Datastore>) {
 impl Datastore {
     /// Makes committed namespace changes durable (fsyncdir).
     pub fn sync_metadata(&self) -> Result<()> {
-        self.chunks.sync()?;
-        self.meta.flush()
+        self.barrier()
+    }
+
+    /// Makes everything committed so far durable: the packs and the metadata that
+    /// references them. Concurrent callers share one barrier (group commit).
+    ///
+    /// The two flushes run in parallel (one device flush's latency instead of two). That
+    /// gives up no ordering thinfs could keep: sled persists its log on its own schedule
+    /// too, so metadata may always reach the disk before the pack data it names; a power
+    /// loss in between shows as a chunk whose BLAKE3 check fails (EIO, named by scrub and
+    /// fsck), never as wrong data.
+    pub(crate) fn barrier(&self) -> Result<()> {
+        self.group_sync.sync(|| {
+            std::thread::scope(|s| {
+                let packs = s.spawn(|| self.chunks.sync());
+                let meta = self.meta.flush();
+                let packs = packs
+                    .join()
+                    .unwrap_or_else(|_| Err(FsError::Meta("pack sync thread panicked".into())));
+                packs.and(meta)
+            })
+        })
     }
 }

@@ -12,14 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    Datastore, Dirty, InodeState, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE, TOTAL_DIRTY_LIMIT,
+    prestore, Datastore, Dirty, InodeState, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE,
+    TOTAL_DIRTY_LIMIT,
 };
 use crate::error::{FsError, Result};
 use crate::ids::{ChunkId, InodeNo};
 use crate::meta::{Batch, FileKind, Timestamp};
-
-/// A block index and its new chunk (`None`: a hole).
-type MapChange = (u64, Option<ChunkId>);
 
 /// Which way `lseek` searches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,8 +79,7 @@ impl Datastore {
             let mut g = self.lock(ino)?;
             self.flush_state(&mut g)?;
         }
-        self.chunks.sync()?;
-        self.meta.flush()
+        self.barrier()
     }
 
     pub(super) fn drop_dirty(&self, st: &mut InodeState) {
@@ -90,6 +87,7 @@ impl Datastore {
             .fetch_sub(st.dirty_bytes as i64, Ordering::Relaxed);
         st.dirty.clear();
         st.dirty_bytes = 0;
+        st.unqueued_bytes = 0;
     }
 
     /// Commits the write-back buffer and attributes of a locked inode.
@@ -121,49 +119,54 @@ impl Datastore {
         Ok(())
     }
 
-    /// Hashes and stores dirty blocks (in parallel when there are many); returns the map
-    /// changes.
+    /// Hashes (unless a pre-store worker did) and stores the dirty blocks; returns the
+    /// map changes. Hashing runs in parallel when much is left to hash.
     fn store_blocks(&self, dirty: &BTreeMap<u64, Dirty>) -> Result<BTreeMap<u64, Option<ChunkId>>> {
-        let items: Vec<(u64, Option<Arc<[u8]>>)> =
-            dirty.iter().map(|(k, d)| (*k, d.data.clone())).collect();
-        let store = |part: &[(u64, Option<Arc<[u8]>>)]| -> Result<Vec<(u64, Option<ChunkId>)>> {
-            part.iter()
-                .map(|(idx, data)| match data {
-                    None => Ok((*idx, None)),
-                    Some(d) => Ok((*idx, Some(self.chunks.put(d)?))),
-                })
-                .collect()
-        };
+        let unhashed: Vec<&Dirty> = dirty
+            .values()
+            .filter(|d| d.data.is_some() && d.hash.get().is_none())
+            .collect();
+        let bytes: usize = unhashed
+            .iter()
+            .filter_map(|d| d.data.as_ref().map(|d| d.len()))
+            .sum();
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
             .min(4);
-        let bytes: usize = items
-            .iter()
-            .filter_map(|(_, d)| d.as_ref().map(|d| d.len()))
-            .sum();
+        let hash_all = |part: &[&Dirty]| {
+            for d in part {
+                if let Some(data) = &d.data {
+                    d.hash.get_or_init(|| ChunkId::of(data));
+                }
+            }
+        };
         if threads < 2 || bytes < (1 << 20) {
-            return Ok(store(&items)?.into_iter().collect());
+            hash_all(&unhashed);
+        } else {
+            let per = unhashed.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                for part in unhashed.chunks(per) {
+                    s.spawn(move || hash_all(part));
+                }
+            });
         }
-        let per = items.len().div_ceil(threads);
-        let results: Vec<Result<Vec<MapChange>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = items
-                .chunks(per)
-                .map(|part| s.spawn(move || store(part)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(FsError::Meta("hashing thread panicked".into())))
-                })
-                .collect()
-        });
-        let mut out = BTreeMap::new();
-        for r in results {
-            out.extend(r?);
+        let mut changes = BTreeMap::new();
+        let mut chunks: Vec<(ChunkId, &[u8])> = Vec::new();
+        for (&idx, d) in dirty {
+            match &d.data {
+                None => {
+                    changes.insert(idx, None);
+                }
+                Some(data) => {
+                    let id = *d.hash.get_or_init(|| ChunkId::of(data));
+                    chunks.push((id, &data[..]));
+                    changes.insert(idx, Some(id));
+                }
+            }
         }
-        Ok(out)
+        self.chunks.put_many(&chunks)?;
+        Ok(changes)
     }
 
     /// The current content of block `idx` (dirty buffer first), or `None` for a hole.
@@ -207,9 +210,32 @@ impl Datastore {
             None => self.maps.lookup(st.inode.map, idx)?.is_some(),
         };
         st.dirty_bytes += len;
+        st.unqueued_bytes += len;
         self.dirty_total.fetch_add(len as i64, Ordering::Relaxed);
-        st.dirty.insert(idx, Dirty { data, was_data });
+        let dirty = Dirty {
+            data,
+            was_data,
+            hash: Arc::default(),
+            queued: false,
+        };
+        st.dirty.insert(idx, dirty);
         Ok(())
+    }
+
+    /// Hands the dirty blocks not yet queued to the pre-store workers.
+    fn queue_prestore(&self, st: &mut InodeState) {
+        let job: Vec<prestore::Item> = st
+            .dirty
+            .values_mut()
+            .filter(|d| !d.queued)
+            .filter_map(|d| {
+                d.queued = true;
+                d.data.clone().map(|data| (data, d.hash.clone()))
+            })
+            .collect();
+        st.unqueued_bytes = 0;
+        // A dropped job (full queue) costs nothing: the flush stores those blocks itself.
+        self.prestore.submit(job);
     }
 
     /// Overwrites bytes `[off, off + buf.len())` of block `idx` (`None` buf: zeros).
@@ -334,6 +360,9 @@ impl Datastore {
             let src = &data[(pos - offset) as usize..(pos - offset) as usize + n];
             self.patch_block(&mut g, idx, in_off, Some(src), n)?;
             pos += n as u64;
+        }
+        if g.unqueued_bytes >= prestore::PRESTORE_BATCH {
+            self.queue_prestore(&mut g);
         }
         let now = Timestamp::now();
         g.inode.size = g.inode.size.max(end);

@@ -103,8 +103,7 @@ impl Datastore {
         }
         let rec = self.meta.create_snapshot(name, Timestamp::now())?;
         drop(locks);
-        self.chunks.sync()?;
-        self.meta.flush()?;
+        self.barrier()?;
         Ok(rec)
     }
 
@@ -222,8 +221,7 @@ impl Datastore {
         }
         drop(locks);
         self.evict(&inos);
-        self.chunks.sync()?;
-        self.meta.flush()?;
+        self.barrier()?;
         Ok(stale)
     }
 
