@@ -405,6 +405,16 @@ impl Meta {
         Ok(())
     }
 
+    /// Records where each of several chunks is stored, in one atomic batch.
+    pub fn put_chunk_locs(&self, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, loc) in locs {
+            batch.insert(keys::chunk(id), records::encode(loc));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Removes the index entry of a chunk.
     pub fn remove_chunk_loc(&self, id: &ChunkId) -> Result<()> {
         self.db.remove(keys::chunk(id))?;

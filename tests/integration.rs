@@ -10,6 +10,7 @@ mod integration {
     mod common;
 
     mod clone;
+    mod concurrency;
     mod dedup;
     mod durability;
     mod errors;

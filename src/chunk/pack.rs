@@ -80,22 +80,41 @@ impl ActivePack {
     /// Appends a record; returns the offset of its data. On failure the pack is cut back
     /// to its previous length, so a failed append (a full disk) leaves no torn record.
     pub fn append(&mut self, id: &ChunkId, data: &[u8]) -> Result<u64> {
-        let mut rec = Vec::with_capacity(HEADER_LEN as usize + data.len());
-        rec.extend_from_slice(&header(id, data.len() as u32));
-        rec.extend_from_slice(data);
-        if let Err(e) = self.file.write_all_at(&rec, self.len) {
+        Ok(self.append_many(&[(*id, data)])?[0])
+    }
+
+    /// Appends records in one write; returns the offsets of their data. On failure the
+    /// pack is cut back to its previous length (no torn record is left).
+    pub fn append_many(&mut self, records: &[(ChunkId, &[u8])]) -> Result<Vec<u64>> {
+        let total: usize = records
+            .iter()
+            .map(|(_, d)| HEADER_LEN as usize + d.len())
+            .sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut offsets = Vec::with_capacity(records.len());
+        for (id, data) in records {
+            buf.extend_from_slice(&header(id, data.len() as u32));
+            offsets.push(self.len + buf.len() as u64);
+            buf.extend_from_slice(data);
+        }
+        if let Err(e) = self.file.write_all_at(&buf, self.len) {
             let _ = self.file.set_len(self.len);
+            let first = records
+                .first()
+                .map(|(id, _)| id.to_string())
+                .unwrap_or_default();
             return Err(FsError::io(
                 format!(
-                    "appending chunk {id} to pack {} at offset {}",
-                    self.id, self.len
+                    "appending {} chunks ({first}...) to pack {} at offset {}",
+                    records.len(),
+                    self.id,
+                    self.len
                 ),
                 e,
             ));
         }
-        let offset = self.len + HEADER_LEN;
-        self.len += rec.len() as u64;
-        Ok(offset)
+        self.len += buf.len() as u64;
+        Ok(offsets)
     }
 }
 
