@@ -51,8 +51,9 @@ pub const FANOUT: u64 = 64;
 const FANOUT_BITS: u32 = 6;
 /// Deepest tree allowed: 64^10 blocks is beyond any file size thinfs accepts.
 pub const MAX_DEPTH: u8 = 10;
-/// Cached decoded nodes before the cache is emptied (bounds daemon memory).
-const NODE_CACHE_LIMIT: usize = 16384;
+/// Cached decoded nodes before the cache is emptied (bounds daemon memory: a node of
+/// 64 entries decodes to ~3 KiB, so ~12 MiB).
+const NODE_CACHE_LIMIT: usize = 4096;
 /// Format byte of a node encoding.
 const NODE_V1: u8 = 1;
 
