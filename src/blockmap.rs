@@ -51,9 +51,9 @@ pub const FANOUT: u64 = 64;
 const FANOUT_BITS: u32 = 6;
 /// Deepest tree allowed: 64^10 blocks is beyond any file size thinfs accepts.
 pub const MAX_DEPTH: u8 = 10;
-/// Cached decoded nodes before the cache is emptied (bounds daemon memory: a node of
-/// 64 entries decodes to ~3 KiB, so ~12 MiB).
-const NODE_CACHE_LIMIT: usize = 4096;
+/// Decoded nodes per generation of the node cache (two generations: at most ~48 MiB, a
+/// node of 64 entries decodes to ~3 KiB). 8192 leaves map 8 GiB of 16 KiB blocks.
+const NODE_CACHE_GENERATION: usize = 8192;
 /// Format byte of a node encoding.
 const NODE_V1: u8 = 1;
 
@@ -67,10 +67,63 @@ pub struct Entry {
 
 type Entries = Vec<Entry>;
 
+/// Decoded nodes, bounded, approximately least-recently-used: two generations; a hit in
+/// the old one moves the node to the young one; when the young one is full, the old one
+/// is dropped and the young one becomes old. Unlike emptying one map when full, a
+/// working set a little larger than a generation does not miss all at once.
+#[derive(Default)]
+struct NodeCache {
+    gens: [DashMap<ChunkId, Arc<Entries>>; 2],
+    /// Index of the young generation.
+    young: std::sync::atomic::AtomicUsize,
+    rotate: parking_lot::Mutex<()>,
+}
+
+impl NodeCache {
+    fn young(&self) -> usize {
+        self.young.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<Arc<Entries>> {
+        let y = self.young();
+        if let Some(e) = self.gens[y].get(id) {
+            return Some(e.clone());
+        }
+        let (_, e) = self.gens[1 - y].remove(id)?;
+        self.insert(*id, e.clone());
+        Some(e)
+    }
+
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.gens.iter().any(|g| g.contains_key(id))
+    }
+
+    fn insert(&self, id: ChunkId, e: Arc<Entries>) {
+        let mut y = self.young();
+        if self.gens[y].len() >= NODE_CACHE_GENERATION {
+            let _r = self.rotate.lock();
+            y = self.young();
+            if self.gens[y].len() >= NODE_CACHE_GENERATION {
+                self.gens[1 - y].clear();
+                self.young
+                    .store(1 - y, std::sync::atomic::Ordering::Release);
+                y = 1 - y;
+            }
+        }
+        self.gens[y].insert(id, e);
+    }
+
+    fn remove(&self, id: &ChunkId) {
+        for g in &self.gens {
+            g.remove(id);
+        }
+    }
+}
+
 /// Reads, writes and caches block-map nodes.
 pub struct BlockMaps {
     meta: Arc<Meta>,
-    cache: DashMap<ChunkId, Arc<Entries>>,
+    cache: NodeCache,
     pins: Arc<Pins>,
 }
 
@@ -150,7 +203,7 @@ impl BlockMaps {
     pub fn new(meta: Arc<Meta>, pins: Arc<Pins>) -> Self {
         BlockMaps {
             meta,
-            cache: DashMap::new(),
+            cache: NodeCache::default(),
             pins,
         }
     }
@@ -158,7 +211,7 @@ impl BlockMaps {
     /// The entries of node `id`.
     pub fn load(&self, id: &ChunkId) -> Result<Arc<Entries>> {
         if let Some(e) = self.cache.get(id) {
-            return Ok(e.clone());
+            return Ok(e);
         }
         let bytes = self
             .meta
@@ -176,9 +229,6 @@ impl BlockMaps {
     }
 
     fn cache_put(&self, id: ChunkId, entries: Arc<Entries>) {
-        if self.cache.len() >= NODE_CACHE_LIMIT {
-            self.cache.clear();
-        }
         self.cache.insert(id, entries);
     }
 
@@ -194,7 +244,7 @@ impl BlockMaps {
         // Always written, even when cached: the cache may hold a node whose batch never
         // committed (a full disk) or that GC has since removed.
         self.meta.put_node(batch, &id, bytes);
-        if !self.cache.contains_key(&id) {
+        if !self.cache.contains(&id) {
             self.cache_put(id, Arc::new(entries));
         }
         Some((id, count))
