@@ -309,22 +309,39 @@ impl Datastore {
                 Ok(())
             })?;
         let mut out = vec![0u8; (end - offset) as usize];
-        for idx in first..=last {
+        let mut copy = |idx: u64, data: &[u8]| {
             let b_start = idx * bs;
             let from = offset.max(b_start);
             let to = end.min(b_start + bs);
-            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
             let src_off = (from - b_start) as usize;
-            if let Some(d) = st.dirty.get(&idx) {
-                if let Some(data) = &d.data {
-                    dst.copy_from_slice(&data[src_off..src_off + dst.len()]);
-                }
-            } else if let Some(id) = chunks.get(&idx) {
-                let data = self
-                    .chunks
-                    .get(id)
-                    .map_err(|e| self.name_damage(st.inode.ino, idx, e))?;
-                dst.copy_from_slice(&data[src_off..src_off + dst.len()]);
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[src_off..src_off + (to - from) as usize]);
+        };
+        // Committed blocks not shadowed by the write-back buffer, read in pack runs.
+        let stored: Vec<(u64, ChunkId)> = chunks
+            .into_iter()
+            .filter(|(idx, _)| !st.dirty.contains_key(idx))
+            .collect();
+        let ids: Vec<ChunkId> = stored.iter().map(|(_, id)| *id).collect();
+        self.chunks
+            .get_many(&ids, &mut |i, data| {
+                copy(stored[i].0, data);
+                Ok(())
+            })
+            .map_err(|e| {
+                let idx = match &e {
+                    FsError::Corrupt { chunk, .. } => stored
+                        .iter()
+                        .find(|(_, id)| id == chunk)
+                        .map(|(idx, _)| *idx)
+                        .unwrap_or(first),
+                    _ => first,
+                };
+                self.name_damage(st.inode.ino, idx, e)
+            })?;
+        for (idx, d) in st.dirty.range(first..=last) {
+            if let Some(data) = &d.data {
+                copy(*idx, data);
             }
         }
         Ok(out)
