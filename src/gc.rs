@@ -470,7 +470,7 @@ fn compact(
 ) -> Result<()> {
     let cs = ds.chunks();
     let meta = ds.meta();
-    let size_of = |p: u32| std::fs::metadata(pack::pack_path(cs.dir(), p)).map(|m| m.len());
+    let size_of = |p: u32| cs.pack_size(p);
     // The active pack and later ones are appended to; older ones never are again.
     let mut active = cs.active_pack();
     let mut live = live_per_pack(ds, &pack::list_packs(cs.dir())?, |p| p <= active)?;

@@ -52,12 +52,17 @@ pub fn header(id: &ChunkId, len: u32) -> [u8; HEADER_LEN as usize] {
     h
 }
 
+/// Zeros kept written ahead of the active pack's end once it is being synced.
+const ZERO_AHEAD: u64 = 1 << 20;
+
 /// The pack being appended to.
 pub struct ActivePack {
     pub id: u32,
     pub file: std::sync::Arc<File>,
     /// Bytes written so far (the next record's offset).
     pub len: u64,
+    /// The file holds written zeros up to here (see [`ActivePack::zero_ahead`]).
+    zeroed_to: u64,
 }
 
 impl ActivePack {
@@ -74,7 +79,38 @@ impl ActivePack {
             id,
             file: std::sync::Arc::new(file),
             len: 0,
+            zeroed_to: 0,
         })
+    }
+
+    /// Bytes of written zeros past the last record.
+    pub fn zero_tail(&self) -> u64 {
+        self.zeroed_to.saturating_sub(self.len)
+    }
+
+    /// Keeps written zeros ahead of the end, so the small appends of an fsync-heavy
+    /// writer overwrite allocated blocks: ext4's fdatasync of an append must commit the
+    /// new size and blocks to its journal, an overwrite does not (measured: 4 KiB
+    /// write+fdatasync 1287 -> 1533 IOPS). Called before a sync, which then makes the
+    /// zeros durable; costs one 1 MiB write per MiB of synced appends, none for writers
+    /// that do not sync. The tail is cut off when the pack is sealed (dropped); after a
+    /// crash it stays as zeros that no record names (garbage for compaction).
+    pub fn zero_ahead(&mut self) {
+        if self.len + ZERO_AHEAD / 4 <= self.zeroed_to {
+            return;
+        }
+        let from = self.len.max(self.zeroed_to);
+        let to = self.len + ZERO_AHEAD;
+        match self
+            .file
+            .write_all_at(&vec![0u8; (to - from) as usize], from)
+        {
+            Ok(()) => self.zeroed_to = to,
+            // A full disk: leave no partial tail (the reserve in space.rs covers this).
+            Err(_) => {
+                let _ = self.file.set_len(self.len.max(self.zeroed_to));
+            }
+        }
     }
 
     /// Appends a record; returns the offset of its data. On failure the pack is cut back
@@ -115,6 +151,14 @@ impl ActivePack {
         }
         self.len += buf.len() as u64;
         Ok(offsets)
+    }
+}
+
+impl Drop for ActivePack {
+    fn drop(&mut self) {
+        if self.zeroed_to > self.len {
+            let _ = self.file.set_len(self.len);
+        }
     }
 }
 

@@ -69,7 +69,7 @@ impl Datastore {
                 live_pack_bytes += loc.len as u64 + crate::chunk::pack::HEADER_LEN;
             }
         }
-        let pack_bytes = super::dir_bytes(self.chunks.dir());
+        let pack_bytes = self.chunks.packs_bytes();
         let packs = crate::chunk::pack::list_packs(self.chunks.dir())?.len() as u64;
         Ok(Stats {
             block_size: bs,
