@@ -244,7 +244,12 @@ impl ChunkStore {
                 }
             }
             if j == i + 1 {
-                visit(i, &self.get(&ids[i])?)?;
+                // Alone: read at the location already looked up.
+                let data = match self.read_loc(&ids[i], &first) {
+                    Ok(d) => d,
+                    Err(_) => self.get(&ids[i])?,
+                };
+                visit(i, &data)?;
                 i += 1;
                 continue;
             }
