@@ -165,6 +165,9 @@ fn decode(id: &ChunkId, bytes: &[u8]) -> Result<Entries> {
     }
     let mut out = Vec::with_capacity(n);
     for rec in bytes[4..].chunks_exact(width) {
+        if rec[0] as u64 >= FANOUT {
+            return Err(bad("slot out of range"));
+        }
         let mut h = [0u8; 32];
         h.copy_from_slice(&rec[1..33]);
         let count = if level > 1 {
@@ -222,8 +225,9 @@ impl BlockMaps {
         Ok(entries)
     }
 
-    /// Drops node `id` from the cache. GC calls it for every node it removes: `store`
-    /// skips writing a node that is cached, so a cached node must exist in the store.
+    /// Drops node `id` from the cache; GC calls it for every node it removes. (A node GC
+    /// removed may come back into the cache through a racing lookup; harmless: a node is
+    /// named by its content, and `store` writes a node even when it is cached.)
     pub(crate) fn forget(&self, id: &ChunkId) {
         self.cache.remove(id);
     }

@@ -5,9 +5,11 @@
 //! files ([`pack`]); the index `hash -> (pack, offset, len)` lives in the metadata store.
 //!
 //! Invariants:
-//! - An index entry is inserted only after its record is written to the pack, and the
-//!   pack is synced ([`ChunkStore::sync`]) before any metadata flush that could make a
-//!   reference to it durable.
+//! - An index entry is inserted only after its record is written to the pack. A
+//!   durability barrier syncs the packs ([`ChunkStore::sync`]) together with the
+//!   metadata flush; sled also persists on its own schedule, so after a power loss an
+//!   index entry may name a record that did not reach the disk: the read check below
+//!   turns that into EIO (and scrub/fsck name it), never into wrong data.
 //! - Every read is verified against the chunk's name; a mismatch is [`FsError::Corrupt`],
 //!   never wrong data.
 
@@ -43,6 +45,8 @@ pub struct ChunkStore {
     unsynced: Mutex<BTreeSet<u32>>,
     /// A pack file was created since the last sync: the directory needs a sync too.
     dir_unsynced: AtomicBool,
+    /// Held for the whole of a sync.
+    sync_lock: Mutex<()>,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
 }
@@ -61,6 +65,7 @@ impl ChunkStore {
             active: Mutex::new(active),
             unsynced: Mutex::new(BTreeSet::new()),
             dir_unsynced: AtomicBool::new(true),
+            sync_lock: Mutex::new(()),
             pins,
         })
     }
@@ -311,8 +316,11 @@ impl ChunkStore {
         Ok(f)
     }
 
-    /// Makes every appended record durable.
+    /// Makes every appended record durable. Callers are serialized, so a sync that
+    /// returns has seen every pack appended to before it started become durable (not
+    /// merely taken off the list by a concurrent sync still in progress).
     pub fn sync(&self) -> Result<()> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             let appended = self
@@ -328,15 +336,18 @@ impl ChunkStore {
             std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
-        for id in &packs {
-            let file = self.reader(*id)?;
-            if let Err(e) = file.sync_data() {
-                // Keep it listed so the next sync retries.
+        for (i, id) in packs.iter().enumerate() {
+            let synced = self.reader(*id).and_then(|f| {
+                f.sync_data()
+                    .map_err(|e| FsError::io(format!("syncing pack {id}"), e))
+            });
+            if let Err(e) = synced {
+                // Keep this pack and the ones not reached listed: the next sync retries.
                 self.unsynced
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(*id);
-                return Err(FsError::io(format!("syncing pack {id}"), e));
+                    .extend(packs[i..].iter().copied());
+                return Err(e);
             }
         }
         // New pack files must have durable directory entries too.
@@ -352,8 +363,8 @@ impl ChunkStore {
 
     /// Size of pack `id` in records (the active pack's zeros ahead not counted).
     pub fn pack_size(&self, id: u32) -> std::io::Result<u64> {
-        let size = std::fs::metadata(pack::pack_path(&self.dir, id))?.len();
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let size = std::fs::metadata(pack::pack_path(&self.dir, id))?.len();
         Ok(if active.id == id {
             size.saturating_sub(active.zero_tail())
         } else {

@@ -104,7 +104,12 @@ impl Meta {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(64 << 20)
-            .flush_every_ms(Some(1000));
+            // No timed flushes of its own: sled persists at thinfs's barriers (every 2 s
+            // from the background flusher, and at each fsync), after the packs are
+            // synced, so persisted metadata does not get ahead of the pack data it names.
+            // (sled still writes full log buffers on its own, unsynced: the order is kept
+            // for what is synced, not guaranteed for what the page cache writes back.)
+            .flush_every_ms(None);
         // sled 0.34's background thread may still hold the file lock for a moment after
         // a database in this process was dropped (sled#1234): retry briefly.
         let mut tries = 0;

@@ -138,6 +138,7 @@ impl ActivePack {
         }
         if let Err(e) = write_all_vectored_at(&self.file, &parts, self.len) {
             let _ = self.file.set_len(self.len);
+            self.zeroed_to = self.len;
             let first = records
                 .first()
                 .map(|(id, _)| id.to_string())

@@ -57,22 +57,43 @@ impl GroupSync {
                 st.started += 1;
                 let generation = st.started;
                 drop(st);
+                // Finishes the generation even if the barrier panics, so that later
+                // callers are not left waiting for it.
+                let mut lead = Lead {
+                    group: self,
+                    generation,
+                    failure: Some("the barrier panicked".into()),
+                };
                 let run = barrier.take().map(|f| f()).unwrap_or(Ok(()));
-                let mut st = self.state.lock();
-                st.running = false;
-                st.finished = generation;
-                if let Err(e) = &run {
-                    st.failures.push_back((generation, e.to_string()));
-                    if st.failures.len() > FAILURES_KEPT {
-                        st.failures.pop_front();
-                    }
-                }
-                drop(st);
-                self.done.notify_all();
+                lead.failure = run.as_ref().err().map(|e| e.to_string());
+                drop(lead);
                 return run;
             }
             self.done.wait(&mut st);
         }
+    }
+}
+
+/// Finishes a led generation when dropped (also on unwinding).
+struct Lead<'a> {
+    group: &'a GroupSync,
+    generation: u64,
+    failure: Option<String>,
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut st = self.group.state.lock();
+        st.running = false;
+        st.finished = self.generation;
+        if let Some(msg) = self.failure.take() {
+            st.failures.push_back((self.generation, msg));
+            if st.failures.len() > FAILURES_KEPT {
+                st.failures.pop_front();
+            }
+        }
+        drop(st);
+        self.group.done.notify_all();
     }
 }
 
@@ -141,6 +162,16 @@ mod tests {
         first.join().unwrap().unwrap();
         second.join().unwrap().unwrap();
         assert_eq!(*log.lock(), vec!["first", "second"]);
+    }
+
+    #[test]
+    fn a_panicking_barrier_does_not_block_later_callers() {
+        let g = GroupSync::default();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            g.sync(|| panic!("device gone"))
+        }));
+        assert!(r.is_err());
+        assert!(g.sync(|| Ok(())).is_ok());
     }
 
     #[test]

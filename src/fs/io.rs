@@ -203,6 +203,11 @@ impl Datastore {
         let was_data = match st.dirty.get(&idx) {
             Some(d) => {
                 let old = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+                if !d.queued {
+                    // Rewritten before it was handed to pre-store: count it once, so a
+                    // hot region the buffer absorbs is not stored again and again.
+                    st.unqueued_bytes = st.unqueued_bytes.saturating_sub(old);
+                }
                 st.dirty_bytes -= old;
                 self.dirty_total.fetch_sub(old as i64, Ordering::Relaxed);
                 d.was_data

@@ -15,8 +15,10 @@
 //! every chunk, so a chunk a collection removed between pre-store and flush is stored
 //! again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
@@ -34,6 +36,10 @@ pub(super) type Item = (Arc<[u8]>, Arc<OnceLock<ChunkId>>);
 /// The queue of pre-store jobs and its workers.
 pub(super) struct Prestore {
     tx: Mutex<Option<SyncSender<Vec<Item>>>>,
+    /// Set by [`Prestore::stop`]: workers take no further job (they would otherwise keep
+    /// the datastore alive past its shutdown).
+    stopped: Arc<AtomicBool>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Prestore {
@@ -41,6 +47,8 @@ impl Prestore {
     pub(super) fn idle() -> Self {
         Prestore {
             tx: Mutex::new(None),
+            stopped: Arc::default(),
+            workers: Mutex::new(Vec::new()),
         }
     }
 
@@ -54,12 +62,16 @@ impl Prestore {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers {
             let (weak, rx) = (Arc::downgrade(ds), rx.clone());
+            let stopped = ds.prestore.stopped.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("thinfs-store-{i}"))
-                .spawn(move || work(weak, rx));
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start a pre-store worker: {e}");
-                return;
+                .spawn(move || work(weak, rx, stopped));
+            match spawned {
+                Ok(h) => ds.prestore.workers.lock().push(h),
+                Err(e) => {
+                    tracing::warn!("cannot start a pre-store worker: {e}");
+                    return;
+                }
             }
         }
         *ds.prestore.tx.lock() = Some(tx);
@@ -72,18 +84,29 @@ impl Prestore {
         }
     }
 
-    /// Stops the workers (they exit once the queue is drained).
+    /// Stops the workers: queued jobs are dropped, a job in progress finishes; returns
+    /// once they have exited (except the calling thread, if it is one).
     pub(super) fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
         self.tx.lock().take();
+        let me = std::thread::current().id();
+        for h in std::mem::take(&mut *self.workers.lock()) {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
     }
 }
 
-fn work(ds: Weak<Datastore>, rx: Arc<Mutex<Receiver<Vec<Item>>>>) {
+fn work(ds: Weak<Datastore>, rx: Arc<Mutex<Receiver<Vec<Item>>>>, stopped: Arc<AtomicBool>) {
     loop {
         let job = match rx.lock().recv() {
             Ok(job) => job,
             Err(_) => return,
         };
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(ds) = ds.upgrade() else { return };
         let chunks: Vec<(ChunkId, &[u8])> = job
             .iter()
