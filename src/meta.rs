@@ -115,8 +115,11 @@ impl Meta {
         let mut tries = 0;
         let opened = loop {
             match config.open() {
+                // sled wraps the lock's EWOULDBLOCK in an `Other` error with this text.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 40 =>
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
+                        && tries < 40 =>
                 {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
