@@ -79,19 +79,7 @@ impl ChunkStore {
 
     /// Stores `data`, already hashed to `id`. Returns whether new bytes were written.
     pub fn put_hashed(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        // Pinned first: a collection deciding this chunk's fate now must keep it.
-        self.pins.pin(&id);
-        if self.meta.chunk_loc(&id)?.is_some() {
-            return Ok(false);
-        }
-        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        // Checked again under the lock: another writer may have stored it meanwhile.
-        if self.meta.chunk_loc(&id)?.is_some() {
-            return Ok(false);
-        }
-        let loc = self.append_locked(&mut active, &id, data)?;
-        self.meta.put_chunk_loc(&id, &loc)?;
-        Ok(true)
+        Ok(self.put_many(&[(id, data)])? > 0)
     }
 
     /// Creates pack `id` for appends; the next sync also syncs the directory.
@@ -102,20 +90,21 @@ impl ChunkStore {
         Ok(pack)
     }
 
-    /// Stores several chunks, already hashed, skipping those the store has (like
-    /// [`ChunkStore::put_hashed`] for each): the new records go to the pack in one write
-    /// per pack and their index entries in one metadata batch.
-    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<()> {
+    /// Stores several chunks, already hashed, skipping those the store has: the new
+    /// records go to the pack in one write per pack and their index entries in one
+    /// metadata batch. Returns how many were new.
+    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize> {
         let mut new: Vec<(ChunkId, &[u8])> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for &(id, data) in chunks {
+            // Pinned first: a collection deciding this chunk's fate now must keep it.
             self.pins.pin(&id);
             if seen.insert(id) && self.meta.chunk_loc(&id)?.is_none() {
                 new.push((id, data));
             }
         }
         if new.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let mut locs = Vec::with_capacity(new.len());
@@ -138,10 +127,12 @@ impl ChunkStore {
         if !group.is_empty() {
             locs.extend(self.append_group_locked(&mut active, &group)?);
         }
-        self.meta.put_chunk_locs(&locs)
+        self.meta.put_chunk_locs(&locs)?;
+        Ok(locs.len())
     }
 
-    /// Appends records to the active pack in one write (rotating it first when full).
+    /// Appends records to the active pack in one write (rotating it first when full); the
+    /// caller holds `active`. The pack is listed for the next [`ChunkStore::sync`].
     fn append_group_locked(
         &self,
         active: &mut ActivePack,
@@ -167,29 +158,6 @@ impl ChunkStore {
                 (id, loc)
             })
             .collect())
-    }
-
-    /// Appends a record to the active pack (rotating it when full); the caller holds
-    /// `active`. The pack is listed for the next [`ChunkStore::sync`].
-    fn append_locked(
-        &self,
-        active: &mut ActivePack,
-        id: &ChunkId,
-        data: &[u8],
-    ) -> Result<ChunkLoc> {
-        if active.len >= PACK_TARGET {
-            *active = self.new_pack(active.id + 1)?;
-        }
-        let offset = active.append(id, data)?;
-        self.unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(active.id);
-        Ok(ChunkLoc {
-            pack: active.id,
-            offset,
-            len: data.len() as u32,
-        })
     }
 
     /// Reads and verifies chunk `id`.
@@ -417,7 +385,8 @@ impl ChunkStore {
     /// ([`Meta::replace_chunk_loc`]).
     pub(crate) fn append_copy(&self, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        self.append_locked(&mut active, id, data)
+        let mut locs = self.append_group_locked(&mut active, &[(*id, data)])?;
+        Ok(locs.remove(0).1)
     }
 
     /// Deletes pack `id` (never the active one); returns its size. The caller has made

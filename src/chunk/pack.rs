@@ -113,12 +113,6 @@ impl ActivePack {
         }
     }
 
-    /// Appends a record; returns the offset of its data. On failure the pack is cut back
-    /// to its previous length, so a failed append (a full disk) leaves no torn record.
-    pub fn append(&mut self, id: &ChunkId, data: &[u8]) -> Result<u64> {
-        Ok(self.append_many(&[(*id, data)])?[0])
-    }
-
     /// Appends records with vectored writes (headers and data in place, no copy);
     /// returns the offsets of their data. On failure the pack is cut back to its previous
     /// length (no torn record is left).
@@ -350,7 +344,7 @@ mod tests {
         let datas: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 1000]).collect();
         let mut offs = Vec::new();
         for d in &datas {
-            offs.push(p.append(&ChunkId::of(d), d).unwrap());
+            offs.extend(p.append_many(&[(ChunkId::of(d), &d[..])]).unwrap());
         }
         let path = pack_path(dir.path(), 1);
         // Damage the first record's header and the second record's data.
