@@ -545,6 +545,13 @@ fn lock_store(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// CPUs this process may use, looked up once (std reads cgroup files for it: not
+/// something to repeat on every flush).
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Total size of the regular files directly in `dir`.
 pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)

@@ -130,10 +130,7 @@ impl Datastore {
             .iter()
             .filter_map(|d| d.data.as_ref().map(|d| d.len()))
             .sum();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(4);
+        let threads = super::cpus().min(4);
         let hash_all = |part: &[&Dirty]| {
             for d in part {
                 if let Some(data) = &d.data {

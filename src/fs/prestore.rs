@@ -54,10 +54,7 @@ impl Prestore {
 
     /// Starts the worker threads for `ds`.
     pub(super) fn start(ds: &Arc<Datastore>) {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 4);
+        let workers = super::cpus().min(4);
         let (tx, rx) = sync_channel::<Vec<Item>>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers {
