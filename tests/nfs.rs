@@ -665,17 +665,6 @@ use nfs3::Nfs;
 // Setup: packages, the machine-wide lock, rpcbind + ganesha guard
 // ---------------------------------------------------------------------------
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 /// Installs nfs-ganesha, its VFS FSAL, rpcbind, libnfs-utils and bindfs if any
 /// is missing (apt-get update first: fresh machines have no or old lists).
 fn ensure_packages() {

@@ -23,17 +23,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 /// qemu-utils and strace, installed with apt-get if missing.
 fn ensure_tools() {
     static ONCE: OnceLock<()> = OnceLock::new();

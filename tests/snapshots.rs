@@ -2489,22 +2489,6 @@ fn mkfs_snapshot_dir_sets_the_default_and_the_mount_option_overrides_it() {
 // Permissions and big listings
 // ---------------------------------------------------------------------------
 
-/// `sh -c SCRIPT` as user and group nobody (65534).
-fn as_nobody(script: &str) -> Output {
-    run_timeout(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-            ])
-            .arg(script),
-        CMD_TIMEOUT,
-    )
-}
-
 #[test]
 fn snapshot_files_keep_their_permissions_for_other_users() {
     let m = Mount::with(MountOptions {

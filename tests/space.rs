@@ -9,6 +9,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 
 use common::{describe, run_ok, test_dir, thinfs, Mount};
@@ -54,13 +55,8 @@ fn write_file(path: &std::path::Path, mib: usize, seed: u8) -> std::io::Result<(
     f.sync_all()
 }
 
-#[test]
-fn full_disk_gives_enospc_and_recovers_after_delete_and_gc() {
-    let disk = Tmpfs::new("96m");
-    let store = disk.0.join("store");
-    common::mkfs(&store, &[]);
-    let mnt = disk.1.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+/// `thinfs mount STORE MNT -o gc_interval=0`, which must succeed.
+fn mount_no_gc(store: &Path, mnt: &Path, what: &str) {
     let out = thinfs([
         "mount",
         store.to_str().unwrap(),
@@ -68,7 +64,17 @@ fn full_disk_gives_enospc_and_recovers_after_delete_and_gc() {
         "-o",
         "gc_interval=0",
     ]);
-    assert!(out.status.success(), "mount: {}", describe(&out));
+    assert!(out.status.success(), "{what}: {}", describe(&out));
+}
+
+#[test]
+fn full_disk_gives_enospc_and_recovers_after_delete_and_gc() {
+    let disk = Tmpfs::new("96m");
+    let store = disk.0.join("store");
+    common::mkfs(&store, &[]);
+    let mnt = disk.1.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    mount_no_gc(&store, &mnt, "mount");
     let big = mnt.join("big");
     let err = write_file(&big, 200, 1).expect_err("200 MiB must not fit on a 96 MiB disk");
     assert_eq!(
@@ -87,18 +93,7 @@ fn full_disk_gives_enospc_and_recovers_after_delete_and_gc() {
         "fsck after ENOSPC: {}",
         describe(&out)
     );
-    let out = thinfs([
-        "mount",
-        store.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-        "-o",
-        "gc_interval=0",
-    ]);
-    assert!(
-        out.status.success(),
-        "remount after ENOSPC: {}",
-        describe(&out)
-    );
+    mount_no_gc(&store, &mnt, "remount after ENOSPC");
     assert_eq!(
         fs::read(mnt.join("small")).unwrap(),
         b"still writable metadata"

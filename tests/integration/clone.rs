@@ -3,22 +3,12 @@
 //! use) sharing blocks, and `thinfs du` accounting of shared bytes.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
 use super::common::*;
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
-}
 
 fn clone_ok(src: &Path, dst: &Path) {
     let out = thinfs([OsStr::new("clone"), src.as_os_str(), dst.as_os_str()]);

@@ -98,6 +98,45 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// Opens `p` for reading and writing, creating it if missing (never truncating).
+pub fn open_rw(p: &Path) -> File {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
+}
+
+/// Whether `cmd` is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// `sh -c SCRIPT` as user and group nobody (65534).
+pub fn as_nobody(script: &str) -> Output {
+    run_timeout(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ])
+            .arg(script),
+        CMD_TIMEOUT,
+    )
+}
+
 /// Runs the thinfs binary with `args`.
 pub fn thinfs<I, S>(args: I) -> Output
 where

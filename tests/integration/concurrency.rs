@@ -3,9 +3,9 @@
 //! through the pre-store pipeline, truncates, fsyncs), compared byte for byte with a
 //! model; and a write through one descriptor seen at once by a read through another.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 
 use super::common::*;
@@ -31,16 +31,6 @@ impl Shared {
         let len = 1 + rng.below((end_max - start).min(max_len));
         (start, len)
     }
-}
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
 }
 
 #[test]

@@ -9,16 +9,6 @@ use std::path::{Path, PathBuf};
 
 use super::common::*;
 
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
-}
-
 fn fsync_dir(p: &Path) {
     File::open(p).unwrap().sync_all().unwrap();
 }

@@ -194,20 +194,6 @@ fn mount_with_allow_other_serves_other_users() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let as_nobody = |script: &str| {
-        run_timeout(
-            Command::new("setpriv")
-                .args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "sh",
-                    "-c",
-                ])
-                .arg(script),
-            CMD_TIMEOUT,
-        )
-    };
     let out = as_nobody(&format!("cat {}", m.path("readable").display()));
     assert!(
         out.status.success(),

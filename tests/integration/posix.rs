@@ -11,16 +11,6 @@ use std::time::Duration;
 
 use super::common::*;
 
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open {p:?}: {e}"))
-}
-
 #[test]
 fn create_open_read_write_and_errors() {
     let m = Mount::new();
