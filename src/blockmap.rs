@@ -36,8 +36,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use dashmap::DashMap;
-
+use crate::cache::TwoGenCache;
 use crate::error::{FsError, Result};
 use crate::gc::Pins;
 use crate::ids::ChunkId;
@@ -67,63 +66,11 @@ pub struct Entry {
 
 type Entries = Vec<Entry>;
 
-/// Decoded nodes, bounded, approximately least-recently-used: two generations; a hit in
-/// the old one moves the node to the young one; when the young one is full, the old one
-/// is dropped and the young one becomes old. Unlike emptying one map when full, a
-/// working set a little larger than a generation does not miss all at once.
-#[derive(Default)]
-struct NodeCache {
-    gens: [DashMap<ChunkId, Arc<Entries>>; 2],
-    /// Index of the young generation.
-    young: std::sync::atomic::AtomicUsize,
-    rotate: parking_lot::Mutex<()>,
-}
-
-impl NodeCache {
-    fn young(&self) -> usize {
-        self.young.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn get(&self, id: &ChunkId) -> Option<Arc<Entries>> {
-        let y = self.young();
-        if let Some(e) = self.gens[y].get(id) {
-            return Some(e.clone());
-        }
-        let (_, e) = self.gens[1 - y].remove(id)?;
-        self.insert(*id, e.clone());
-        Some(e)
-    }
-
-    fn contains(&self, id: &ChunkId) -> bool {
-        self.gens.iter().any(|g| g.contains_key(id))
-    }
-
-    fn insert(&self, id: ChunkId, e: Arc<Entries>) {
-        let mut y = self.young();
-        if self.gens[y].len() >= NODE_CACHE_GENERATION {
-            let _r = self.rotate.lock();
-            y = self.young();
-            if self.gens[y].len() >= NODE_CACHE_GENERATION {
-                self.gens[1 - y].clear();
-                self.young
-                    .store(1 - y, std::sync::atomic::Ordering::Release);
-                y = 1 - y;
-            }
-        }
-        self.gens[y].insert(id, e);
-    }
-
-    fn remove(&self, id: &ChunkId) {
-        for g in &self.gens {
-            g.remove(id);
-        }
-    }
-}
-
 /// Reads, writes and caches block-map nodes.
 pub struct BlockMaps {
     meta: Arc<Meta>,
-    cache: NodeCache,
+    /// Decoded nodes (see [`TwoGenCache`]).
+    cache: TwoGenCache<ChunkId, Arc<Entries>>,
     pins: Arc<Pins>,
 }
 
@@ -206,7 +153,7 @@ impl BlockMaps {
     pub fn new(meta: Arc<Meta>, pins: Arc<Pins>) -> Self {
         BlockMaps {
             meta,
-            cache: NodeCache::default(),
+            cache: TwoGenCache::new(NODE_CACHE_GENERATION),
             pins,
         }
     }

@@ -6,6 +6,7 @@
 //! FUSE adapter ([`fuse`]) and the control channel the CLI uses ([`control`]).
 
 pub mod blockmap;
+pub mod cache;
 pub mod chunk;
 pub mod cli;
 pub mod config;
