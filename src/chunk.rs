@@ -13,6 +13,7 @@
 //! - Every read is verified against the chunk's name; a mismatch is [`FsError::Corrupt`],
 //!   never wrong data.
 
+pub mod filter;
 pub mod pack;
 
 use std::collections::BTreeSet;
@@ -20,19 +21,25 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use dashmap::DashMap;
 
+use crate::cache::TwoGenCache;
 use crate::error::{FsError, Result};
 use crate::gc::Pins;
 use crate::ids::ChunkId;
 use crate::meta::{ChunkLoc, Meta};
+use filter::Presence;
 use pack::ActivePack;
 
 /// Packs are rotated once they reach this size.
 pub const PACK_TARGET: u64 = 64 << 20;
 /// Longest stretch of a pack [`ChunkStore::get_many`] reads with one `pread`.
 const READ_RUN: u64 = 4 << 20;
+/// Chunk locations per generation of the read-path location cache (two generations,
+/// ~60 bytes an entry: at most ~30 MiB; 2^19 entries map 8 GiB of 16 KiB chunks).
+const LOC_CACHE_GENERATION: usize = 1 << 18;
 
 /// The chunk store of one datastore.
 pub struct ChunkStore {
@@ -49,6 +56,16 @@ pub struct ChunkStore {
     sync_lock: Mutex<()>,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
+    /// Which names the index may hold (spares the index lookup for new data).
+    presence: Arc<Presence>,
+    /// Where chunks were last seen, for reads only: every read is verified and a read
+    /// that fails at a cached place asks the index. Never used to decide that the store
+    /// has a chunk (a collection may have removed it since).
+    locs: TwoGenCache<ChunkId, ChunkLoc>,
+    /// A background build of `presence` (at open, or when it outgrew its size).
+    builder: Mutex<Option<JoinHandle<()>>>,
+    /// Tells the background build to stop (set on drop).
+    stop: Arc<AtomicBool>,
 }
 
 impl ChunkStore {
@@ -67,7 +84,95 @@ impl ChunkStore {
             dir_unsynced: AtomicBool::new(true),
             sync_lock: Mutex::new(()),
             pins,
+            presence: Arc::default(),
+            locs: TwoGenCache::new(LOC_CACHE_GENERATION),
+            builder: Mutex::new(None),
+            stop: Arc::default(),
         })
+        .inspect(|cs| cs.rebuild_filter_in_background())
+    }
+
+    /// Expected number of names for a filter rebuild, with room to grow: twice what the
+    /// packs would hold in 16 KiB chunks, and twice the names the filter has taken.
+    fn expected_names(&self) -> u64 {
+        (self.packs_bytes() / 8192).max(2 * self.presence.inserted())
+    }
+
+    /// Starts rebuilding the presence filter on a thread, unless a build is running.
+    fn rebuild_filter_in_background(&self) {
+        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+        if builder.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let names = self.expected_names(); // takes `active` itself
+        let fresh = {
+            let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            self.presence.begin_rebuild(names)
+        };
+        let (meta, presence, stop) = (self.meta.clone(), self.presence.clone(), self.stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("thinfs-filter".into())
+            .spawn(move || {
+                if let Err(e) = presence.finish_rebuild(fresh, meta.chunk_ids(), &stop) {
+                    tracing::warn!(
+                        "chunk filter: index scan failed ({e}); every store looks the chunk up"
+                    );
+                }
+            });
+        match spawned {
+            Ok(h) => *builder = Some(h),
+            Err(e) => tracing::warn!("cannot start the chunk filter build: {e}"),
+        }
+    }
+
+    /// Rebuilds the presence filter now (after a collection removed index entries, whose
+    /// bits would otherwise stay set).
+    pub(crate) fn rebuild_filter(&self) -> Result<()> {
+        // One build at a time: a second would take the insertions the first one needs.
+        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = builder.take() {
+            let _ = h.join();
+        }
+        let names = self.expected_names(); // takes `active` itself
+        let fresh = {
+            let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            self.presence.begin_rebuild(names)
+        };
+        self.presence
+            .finish_rebuild(fresh, self.meta.chunk_ids(), &self.stop)?;
+        Ok(())
+    }
+
+    /// Memory the presence filter takes, in bytes.
+    pub fn filter_bytes(&self) -> usize {
+        self.presence.bytes()
+    }
+
+    /// Records a found copy of a chunk in the index (fsck's repair).
+    pub(crate) fn restore_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
+        let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.presence.insert(id);
+        self.locs.remove(id);
+        self.meta.put_chunk_loc(id, loc)
+    }
+
+    /// Drops cached locations of chunks a collection removed or moved.
+    pub(crate) fn forget_locs<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
+        for id in ids {
+            self.locs.remove(id);
+        }
+    }
+
+    /// Where chunk `id` is, for a read: the location cache, else the index.
+    fn read_place(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        if let Some(loc) = self.locs.get(id) {
+            return Ok(Some(loc));
+        }
+        let loc = self.meta.chunk_loc(id)?;
+        if let Some(loc) = loc {
+            self.locs.insert(*id, loc);
+        }
+        Ok(loc)
     }
 
     /// Stores `data` unless a chunk of the same content exists; returns its name.
@@ -99,7 +204,9 @@ impl ChunkStore {
         for &(id, data) in chunks {
             // Pinned first: a collection deciding this chunk's fate now must keep it.
             self.pins.pin(&id);
-            if seen.insert(id) && self.meta.chunk_loc(&id)?.is_none() {
+            if seen.insert(id)
+                && (!self.presence.may_contain(&id) || self.meta.chunk_loc(&id)?.is_none())
+            {
                 new.push((id, data));
             }
         }
@@ -111,8 +218,9 @@ impl ChunkStore {
         let mut group: Vec<(ChunkId, &[u8])> = Vec::new();
         let mut group_len = 0u64;
         for (id, data) in new {
-            // Checked again under the lock: another writer may have stored it meanwhile.
-            if self.meta.chunk_loc(&id)?.is_some() {
+            // Checked again under the lock: another writer may have stored it meanwhile
+            // (and then set its filter bits under this lock).
+            if self.presence.may_contain(&id) && self.meta.chunk_loc(&id)?.is_some() {
                 continue;
             }
             let rec_len = pack::HEADER_LEN + data.len() as u64;
@@ -127,7 +235,15 @@ impl ChunkStore {
         if !group.is_empty() {
             locs.extend(self.append_group_locked(&mut active, &group)?);
         }
+        for (id, loc) in &locs {
+            self.presence.insert(id);
+            self.locs.insert(*id, *loc);
+        }
         self.meta.put_chunk_locs(&locs)?;
+        drop(active);
+        if self.presence.overfull() {
+            self.rebuild_filter_in_background();
+        }
         Ok(locs.len())
     }
 
@@ -162,17 +278,22 @@ impl ChunkStore {
 
     /// Reads and verifies chunk `id`.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.meta.chunk_loc(id)?.ok_or_else(|| FsError::Corrupt {
+        let loc = self.read_place(id)?.ok_or_else(|| FsError::Corrupt {
             chunk: *id,
             detail: "referenced but missing from the index".into(),
         })?;
         match self.read_loc(id, &loc) {
             Ok(data) => Ok(data),
             Err(e) => {
-                // GC compaction may have moved the chunk and deleted its old pack between
-                // our index lookup and the read: retry at the new place, once.
+                // GC compaction may have moved the chunk and deleted its old pack since
+                // the location was looked up or cached: retry where the index says, once.
+                self.locs.remove(id);
                 match self.meta.chunk_loc(id)? {
-                    Some(now) if now != loc => self.read_loc(id, &now),
+                    Some(now) if now != loc => {
+                        let data = self.read_loc(id, &now)?;
+                        self.locs.insert(*id, now);
+                        Ok(data)
+                    }
                     _ => Err(e),
                 }
             }
@@ -191,7 +312,7 @@ impl ChunkStore {
     ) -> Result<()> {
         let mut locs = Vec::with_capacity(ids.len());
         for id in ids {
-            locs.push(self.meta.chunk_loc(id)?);
+            locs.push(self.read_place(id)?);
         }
         let mut i = 0;
         while i < ids.len() {
@@ -418,6 +539,17 @@ impl ChunkStore {
     }
 }
 
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        // The build thread holds the metadata store open: end it before the store closes.
+        self.stop.store(true, Ordering::Relaxed);
+        let builder = self.builder.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = builder.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,5 +618,46 @@ mod tests {
         assert_eq!(cs.seal_active().unwrap(), None);
         assert_eq!(cs.remove_pack(1).unwrap(), 4096 + pack::HEADER_LEN);
         assert_eq!(pack::list_packs(&packs).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn filter_and_location_cache_never_change_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = dir.path().join("packs");
+        std::fs::create_dir(&packs).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let (a, b, c) = (vec![1u8; 4096], vec![2u8; 4096], vec![3u8; 4096]);
+        let (ia, ib) = {
+            let cs = ChunkStore::open(&packs, meta.clone(), Arc::default()).unwrap();
+            (cs.put(&a).unwrap(), cs.put(&b).unwrap())
+        };
+        // Reopened: the filter is rebuilt from the index, so stored chunks stay deduplicated.
+        let cs = ChunkStore::open(&packs, meta.clone(), Arc::default()).unwrap();
+        cs.rebuild_filter().unwrap();
+        assert!(!cs.put_hashed(ia, &a).unwrap());
+        assert!(!cs.put_hashed(ib, &b).unwrap());
+        let ic = cs.put(&c).unwrap();
+        assert!(!cs.put_hashed(ic, &c).unwrap());
+        assert!(cs.filter_bytes() > 0);
+        // A chunk moved behind the cache's back (its old pack deleted) is still read.
+        assert_eq!(cs.get(&ia).unwrap(), a, "caches the location");
+        let old = meta.chunk_loc(&ia).unwrap().unwrap();
+        let new = cs.append_copy(&ia, &a).unwrap();
+        cs.sync().unwrap();
+        assert!(meta.replace_chunk_loc(&ia, &old, &new).unwrap());
+        cs.remove_pack(old.pack).unwrap();
+        assert_eq!(cs.get(&ia).unwrap(), a, "stale cached location: the index decides");
+        let mut seen = Vec::new();
+        cs.get_many(&[ia, ic], &mut |i, d| {
+            seen.push((i, d.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0, a.clone()), (1, c.clone())]);
+        // A chunk removed from the index (as a collection does) is stored again, though
+        // its location is cached and its filter bits are set.
+        meta.remove_chunk_locs(&[ic]).unwrap();
+        assert!(cs.put_hashed(ic, &c).unwrap(), "stored again");
+        assert_eq!(cs.get(&ic).unwrap(), c);
     }
 }

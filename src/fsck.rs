@@ -460,7 +460,7 @@ fn rebuild_index(ds: &Datastore, mut targets: HashSet<ChunkId>) -> Result<Repair
             } else {
                 r.entries_restored += 1;
             }
-            meta.put_chunk_loc(&rec.id, &loc)?;
+            ds.chunks().restore_loc(&rec.id, &loc)?;
             targets.remove(&rec.id);
         }
     }

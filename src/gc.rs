@@ -247,6 +247,11 @@ pub fn collect(
     fp(GcStep::SweepDone)?;
     compact(ds, opts, &mut report, &fp, progress)?;
     ds.meta().flush()?;
+    // The removed names still have their filter bits; clear them (a stale filter only
+    // costs index lookups, so a failure is not the collection's).
+    if let Err(e) = ds.chunks().rebuild_filter() {
+        tracing::warn!("gc: chunk filter not rebuilt: {e}");
+    }
     report.bytes_freed = report
         .pack_bytes_deleted
         .saturating_sub(report.bytes_relocated);
@@ -365,6 +370,7 @@ fn sweep(
     let mut done = 0u64;
     for batch in chunk_cands.chunks(SWEEP_BATCH) {
         let freed = pins.remove_unpinned(batch, |free| meta.remove_chunk_locs(free))?;
+        ds.chunks().forget_locs(&freed);
         report.chunks_freed += freed.len() as u64;
         report.chunk_bytes_freed += freed.iter().map(|id| chunk_len[id] as u64).sum::<u64>();
         report.kept_pinned += (batch.len() - freed.len()) as u64;
@@ -539,6 +545,7 @@ fn compact(
             for (id, old, new) in &moved {
                 meta.replace_chunk_loc(id, old, new)?;
             }
+            cs.forget_locs(moved.iter().map(|(id, _, _)| id));
             fp(GcStep::Repointed(d.pack))?;
         }
         meta.flush()?;

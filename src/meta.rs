@@ -445,6 +445,14 @@ impl Meta {
         })
     }
 
+    /// Names of all indexed chunks (keys only: the locations are not decoded).
+    pub fn chunk_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
+        self.db
+            .scan_prefix([keys::CHUNK])
+            .keys()
+            .map(|k| Ok(keys::hash_of(&k?)))
+    }
+
     /// The stored bytes of block-map node `id`.
     pub fn node(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(keys::node(id))?.map(|v| v.to_vec()))

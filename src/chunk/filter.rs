@@ -1,0 +1,254 @@
+//! Which chunks the index may hold: a Bloom filter in front of the index lookups of the
+//! write path.
+//!
+//! Storing a chunk first asks the index whether the store has it. For new data (almost
+//! every write of a VM) the answer is no, and with random chunk names every such lookup
+//! is a sled page-cache miss: profiled on random 4 KiB overwrites of a 4 GiB file it was
+//! 22% of the daemon's CPU. The filter answers "surely absent" for those from memory.
+//!
+//! Invariants:
+//! - No false "absent" once the filter is ready: every index insertion of a new name sets
+//!   its bits first, under the chunk store's append lock ([`Presence::insert`]), and a
+//!   rebuild starts collecting those insertions under the same lock before it scans the
+//!   index. Until the first build finishes, every name is "maybe" (the index decides).
+//! - Removals from the index (GC) leave their bits set: a stale "maybe" costs one index
+//!   lookup. [`Presence::rebuild`] after a collection clears them.
+//! - Size: 16 bits per expected name (about 0.05% false "maybe" at that load with 11
+//!   probes), at least 2 MiB; 2 bytes per 16 KiB chunk stored.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::error::Result;
+use crate::ids::ChunkId;
+
+/// Probes per name.
+const PROBES: u64 = 11;
+/// Bits per expected name.
+const BITS_PER_NAME: u64 = 16;
+/// The smallest filter, in names (2 MiB).
+const MIN_NAMES: u64 = 1 << 20;
+
+/// A fixed-size Bloom filter over chunk names (already uniform hashes).
+pub struct Bloom {
+    words: Box<[AtomicU64]>,
+    /// Bit count minus one (a power of two minus one).
+    mask: u64,
+    /// How many names the filter was sized for.
+    capacity: u64,
+    inserted: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Bloom {
+    /// An empty filter for about `names` names (not ready).
+    pub fn with_capacity(names: u64) -> Bloom {
+        let capacity = names.max(MIN_NAMES);
+        let bits = (capacity * BITS_PER_NAME).next_power_of_two();
+        let words = (0..bits / 64).map(|_| AtomicU64::new(0)).collect();
+        Bloom {
+            words,
+            mask: bits - 1,
+            capacity,
+            inserted: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Bit positions of `id`: double hashing over two independent words of the name.
+    fn positions(&self, id: &ChunkId) -> impl Iterator<Item = u64> + '_ {
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&id.0[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let (h1, h2) = (word(0), word(8) | 1);
+        (0..PROBES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) & self.mask)
+    }
+
+    pub fn insert(&self, id: &ChunkId) {
+        for bit in self.positions(id) {
+            self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        }
+        self.inserted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// False only if `id` was never inserted.
+    pub fn may_contain(&self, id: &ChunkId) -> bool {
+        self.positions(id).all(|bit| {
+            self.words[(bit / 64) as usize].load(Ordering::Relaxed) & (1 << (bit % 64)) != 0
+        })
+    }
+
+    /// Bytes of memory the bit array takes.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+/// The chunk store's filter, replaceable by a rebuild while writers go on.
+pub struct Presence {
+    current: RwLock<Arc<Bloom>>,
+    /// A filter being built: insertions go to it too.
+    next: Mutex<Option<Arc<Bloom>>>,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            current: RwLock::new(Arc::new(Bloom::with_capacity(0))),
+            next: Mutex::new(None),
+        }
+    }
+}
+
+impl Presence {
+    /// False only if the index surely lacks `id`.
+    pub fn may_contain(&self, id: &ChunkId) -> bool {
+        let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+        !cur.ready.load(Ordering::Acquire) || cur.may_contain(id)
+    }
+
+    /// Records that `id` is about to enter the index. The caller holds the append lock.
+    pub fn insert(&self, id: &ChunkId) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        if let Some(next) = self.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            next.insert(id);
+        }
+    }
+
+    /// Starts collecting insertions into a fresh filter for `names` names. The caller
+    /// holds the append lock, so every insertion is either in the index already (and the
+    /// scan that follows finds it) or goes to the new filter.
+    pub fn begin_rebuild(&self, names: u64) -> Arc<Bloom> {
+        let fresh = Arc::new(Bloom::with_capacity(names));
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        fresh
+    }
+
+    /// Fills `fresh` from a scan of the index and puts it in place. Stops early (keeping
+    /// the old filter) when `stop` is set or the scan fails. Returns whether it finished
+    /// and the number of names scanned.
+    pub fn finish_rebuild(
+        &self,
+        fresh: Arc<Bloom>,
+        ids: impl Iterator<Item = Result<ChunkId>>,
+        stop: &AtomicBool,
+    ) -> Result<Option<u64>> {
+        let abandon = || *self.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut n = 0u64;
+        for id in ids {
+            if n % 4096 == 0 && stop.load(Ordering::Relaxed) {
+                abandon();
+                return Ok(None);
+            }
+            match id {
+                Ok(id) => fresh.insert(&id),
+                Err(e) => {
+                    abandon();
+                    return Err(e);
+                }
+            }
+            n += 1;
+        }
+        fresh.ready.store(true, Ordering::Release);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        abandon();
+        Ok(Some(n))
+    }
+
+    /// Names the current filter has taken.
+    pub fn inserted(&self) -> u64 {
+        let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+        cur.inserted.load(Ordering::Relaxed)
+    }
+
+    /// Whether the current filter holds more names than it was sized for.
+    pub fn overfull(&self) -> bool {
+        let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+        cur.inserted.load(Ordering::Relaxed) > cur.capacity
+    }
+
+    /// Memory of the filters, in bytes.
+    pub fn bytes(&self) -> usize {
+        let cur = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes();
+        let next = self
+            .next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |b| b.bytes());
+        cur + next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> ChunkId {
+        ChunkId::of(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn no_false_absent_and_few_false_maybe() {
+        let b = Bloom::with_capacity(100_000);
+        for n in 0..100_000 {
+            b.insert(&id(n));
+        }
+        assert!((0..100_000).all(|n| b.may_contain(&id(n))));
+        let false_maybe = (100_000..200_000)
+            .filter(|&n| b.may_contain(&id(n)))
+            .count();
+        assert!(
+            false_maybe < 100,
+            "{false_maybe} false positives in 100,000"
+        );
+    }
+
+    #[test]
+    fn everything_maybe_until_built_then_exact() {
+        let p = Presence::default();
+        assert!(p.may_contain(&id(1)), "not built yet: the index decides");
+        let fresh = p.begin_rebuild(10);
+        p.insert(&id(2)); // an append while the scan runs
+        let scanned = p
+            .finish_rebuild(fresh, [Ok(id(1))].into_iter(), &AtomicBool::new(false))
+            .unwrap();
+        assert_eq!(scanned, Some(1));
+        assert!(p.may_contain(&id(1)));
+        assert!(p.may_contain(&id(2)), "insertions during the scan are kept");
+        assert!(!p.may_contain(&id(3)));
+    }
+
+    #[test]
+    fn stopped_or_failed_rebuild_keeps_the_old_filter() {
+        let p = Presence::default();
+        let fresh = p.begin_rebuild(10);
+        let stop = AtomicBool::new(true);
+        assert_eq!(
+            p.finish_rebuild(fresh, [Ok(id(1))].into_iter(), &stop)
+                .unwrap(),
+            None
+        );
+        assert!(p.may_contain(&id(9)), "still not built");
+        let fresh = p.begin_rebuild(10);
+        let failing = [Err(crate::error::FsError::Invalid("scan".into()))].into_iter();
+        assert!(p
+            .finish_rebuild(fresh, failing, &AtomicBool::new(false))
+            .is_err());
+        assert!(p.may_contain(&id(9)));
+        assert_eq!(
+            p.bytes(),
+            Bloom::with_capacity(0).bytes(),
+            "no filter left behind"
+        );
+    }
+}
