@@ -68,6 +68,8 @@ pub struct OpenOptions {
     /// List the snapshot directory in the root's listing (NFS re-export of snapshots:
     /// the kernel reconnects evicted directories by reading their parent's listing).
     pub snapshot_dir_visible: bool,
+    /// Bytes of metadata (sled) cache (default: [`crate::meta::DEFAULT_CACHE`]).
+    pub meta_cache: Option<u64>,
 }
 
 /// One dirty block in a write-back buffer.
@@ -259,7 +261,8 @@ impl Datastore {
             .into_bytes();
         snapshot::check_snapshot_name(&String::from_utf8_lossy(&snapdir))?;
         let lock = lock_store(path)?;
-        let meta = Arc::new(Meta::open(&path.join("meta"))?);
+        let cache = opts.meta_cache.unwrap_or(crate::meta::DEFAULT_CACHE);
+        let meta = Arc::new(Meta::open_with_cache(&path.join("meta"), cache)?);
         if meta.inode(InodeNo::ROOT, View::Live)?.is_none() {
             return Err(FsError::Meta(format!(
                 "store {} has no root directory",

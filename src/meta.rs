@@ -94,16 +94,25 @@ pub struct InodeVersion {
     pub newer: Option<Epoch>,
 }
 
+/// sled's default cache. Its real memory use grows past this setting with the number of
+/// keys (measured: with 256 MiB, +22 MiB RSS per GiB of unique data; with 64 MiB,
+/// +10 MiB/GiB and flattening), so it is kept small; the hot part of the metadata has
+/// caches of its own (block-map nodes, chunk locations). A larger one (mount option
+/// `meta_cache=`) speeds random writes to large images: every chunk-index and node key
+/// is a hash, so each of their updates pages a random part of the tree in.
+pub const DEFAULT_CACHE: u64 = 64 << 20;
+
 impl Meta {
-    /// Opens (or creates) the sled database in `dir`.
+    /// Opens (or creates) the sled database in `dir` with the default cache.
     pub fn open(dir: &Path) -> Result<Meta> {
-        // sled's real memory use grows past its cache setting with the number of keys
-        // (measured: with 256 MiB, +22 MiB RSS per GiB of unique data; with 64 MiB,
-        // +10 MiB/GiB and flattening), so the setting is kept small; the hot part of
-        // the metadata (block-map nodes) has its own cache in blockmap.rs.
+        Self::open_with_cache(dir, DEFAULT_CACHE)
+    }
+
+    /// Opens (or creates) the sled database in `dir`; sled caches `cache` bytes.
+    pub fn open_with_cache(dir: &Path, cache: u64) -> Result<Meta> {
         let config = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 << 20)
+            .cache_capacity(cache)
             // No timed flushes of its own: sled persists at thinfs's barriers (every 2 s
             // from the background flusher, and at each fsync), after the packs are
             // synced, so persisted metadata does not get ahead of the pack data it names.

@@ -33,6 +33,8 @@ pub struct MountOpts {
     pub gc_interval: u64,
     /// `gc_rate=BYTES`: background GC compaction I/O limit per second.
     pub gc_rate: Option<u64>,
+    /// `meta_cache=BYTES`: the metadata store's cache.
+    pub meta_cache: Option<u64>,
 }
 
 impl Default for MountOpts {
@@ -44,6 +46,7 @@ impl Default for MountOpts {
             snapdir_visible: false,
             gc_interval: 600,
             gc_rate: Some(64 << 20),
+            meta_cache: None,
         }
     }
 }
@@ -68,6 +71,13 @@ pub fn parse_options(lists: &[String]) -> Result<MountOpts> {
             }
             "gc_rate" => {
                 o.gc_rate = Some(crate::config::parse_size(value).map_err(anyhow::Error::msg)?)
+            }
+            "meta_cache" => {
+                let bytes = crate::config::parse_size(value).map_err(anyhow::Error::msg)?;
+                if !(8 << 20..=64 << 30).contains(&bytes) {
+                    bail!("meta_cache={value}: between 8M and 64G expected");
+                }
+                o.meta_cache = Some(bytes)
             }
             "allow_other" => o.acl = SessionACL::All,
             "allow_root" => o.acl = SessionACL::RootAndOwner,
@@ -250,6 +260,7 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
         &OpenOptions {
             snapshot_dir: opts.snapdir.clone(),
             snapshot_dir_visible: opts.snapdir_visible,
+            meta_cache: opts.meta_cache,
             ..Default::default()
         },
     )?;
@@ -396,5 +407,12 @@ mod tests {
         assert!(o.flags & libc::MS_NOATIME != 0);
         assert!(o.flags & libc::MS_NODEV == 0, "dev was asked for");
         assert!(parse_options(&["bogus".into()]).is_err());
+        assert_eq!(o.meta_cache, None);
+        let o = parse_options(&["meta_cache=256M".into()]).unwrap();
+        assert_eq!(o.meta_cache, Some(256 << 20));
+        for bad in ["meta_cache=1M", "meta_cache=lots", "meta_cache=100G"] {
+            let e = parse_options(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("meta_cache") || e.contains("size"), "{bad}: {e}");
+        }
     }
 }

@@ -423,3 +423,63 @@ fn shared_mmap_writes_reach_the_file() {
         libc::munmap(addr, len);
     }
 }
+
+/// A metadata cache far smaller than the image's metadata (sled pages its chunk index and
+/// block-map nodes in and out on every write) serves random overwrites byte-exactly,
+/// with the chunk filter and location cache in front of it, before and after a remount.
+#[test]
+fn random_overwrites_with_a_tiny_metadata_cache_match_a_model() {
+    const SIZE: usize = 48 << 20;
+    let mut m = Mount::with(MountOptions {
+        block_size: None,
+        mount_args: vec!["-o".into(), "meta_cache=8M".into()],
+    });
+    let path = m.path("disk.img");
+    let mut rng = Rng::new(48);
+    let mut model = vec![0u8; SIZE];
+    rng.fill(&mut model);
+    fs::write(&path, &model).unwrap();
+    let f = open_rw(&path);
+    let mut buf = [0u8; 4096];
+    for i in 0..3000u64 {
+        // Mostly 4 KiB-aligned (the VM pattern), some unaligned and straddling blocks.
+        let off = if i % 4 == 0 {
+            rng.below((SIZE - buf.len()) as u64) as usize
+        } else {
+            rng.below((SIZE / 4096) as u64) as usize * 4096
+        };
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, off as u64).unwrap();
+        model[off..off + buf.len()].copy_from_slice(&buf);
+        if i % 500 == 0 {
+            f.sync_data().unwrap();
+        }
+    }
+    drop(f);
+    assert!(
+        fs::read(&path).unwrap() == model,
+        "content differs from the model"
+    );
+    m.remount();
+    assert!(
+        fs::read(&path).unwrap() == model,
+        "content differs from the model after a remount"
+    );
+}
+
+#[test]
+fn meta_cache_out_of_range_refuses_to_mount() {
+    let m = Mount::new();
+    let mnt2 = m.scratch().join("mnt2");
+    fs::create_dir(&mnt2).unwrap();
+    let mnt2s = mnt2.to_string_lossy().into_owned();
+    let store = m.store.to_string_lossy().into_owned();
+    let out = thinfs(["mount", &store, &mnt2s, "-o", "meta_cache=1M"]);
+    assert_fails_one_line(&out, 1, "meta_cache=1M");
+    assert!(
+        stderr_str(&out).contains("meta_cache"),
+        "the message names the option: {}",
+        describe(&out)
+    );
+    assert!(!thinfs_mounted_at(&mnt2));
+}
