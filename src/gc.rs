@@ -249,8 +249,10 @@ pub fn collect(
     ds.meta().flush()?;
     // The removed names still have their filter bits; clear them (a stale filter only
     // costs index lookups, so a failure is not the collection's).
-    if let Err(e) = ds.chunks().rebuild_filter() {
-        tracing::warn!("gc: chunk filter not rebuilt: {e}");
+    if report.chunks_freed > 0 {
+        if let Err(e) = ds.chunks().rebuild_filter() {
+            tracing::warn!("gc: chunk filter not rebuilt: {e}");
+        }
     }
     report.bytes_freed = report
         .pack_bytes_deleted
