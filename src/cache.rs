@@ -13,6 +13,8 @@ use dashmap::DashMap;
 
 pub struct TwoGenCache<K, V> {
     gens: [DashMap<K, V>; 2],
+    /// Entries per generation, approximate under races (DashMap::len locks every shard).
+    counts: [AtomicUsize; 2],
     /// Index of the young generation.
     young: AtomicUsize,
     rotate: parking_lot::Mutex<()>,
@@ -24,6 +26,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TwoGenCache<K, V> {
     pub fn new(generation: usize) -> Self {
         TwoGenCache {
             gens: [DashMap::new(), DashMap::new()],
+            counts: [AtomicUsize::new(0), AtomicUsize::new(0)],
             young: AtomicUsize::new(0),
             rotate: parking_lot::Mutex::new(()),
             generation: generation.max(1),
@@ -40,6 +43,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TwoGenCache<K, V> {
             return Some(v.clone());
         }
         let (_, v) = self.gens[1 - y].remove(k)?;
+        self.counts[1 - y].fetch_sub(1, Ordering::Relaxed);
         self.insert(k.clone(), v.clone());
         Some(v)
     }
@@ -50,21 +54,27 @@ impl<K: Eq + Hash + Clone, V: Clone> TwoGenCache<K, V> {
 
     pub fn insert(&self, k: K, v: V) {
         let mut y = self.young();
-        if self.gens[y].len() >= self.generation {
+        // A count that wrapped below zero (a race with a rotation) also rotates: harmless.
+        if self.counts[y].load(Ordering::Relaxed) >= self.generation {
             let _r = self.rotate.lock();
             y = self.young();
-            if self.gens[y].len() >= self.generation {
+            if self.counts[y].load(Ordering::Relaxed) >= self.generation {
                 self.gens[1 - y].clear();
+                self.counts[1 - y].store(0, Ordering::Relaxed);
                 self.young.store(1 - y, Ordering::Release);
                 y = 1 - y;
             }
         }
-        self.gens[y].insert(k, v);
+        if self.gens[y].insert(k, v).is_none() {
+            self.counts[y].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn remove(&self, k: &K) {
-        for g in &self.gens {
-            g.remove(k);
+        for (g, n) in self.gens.iter().zip(&self.counts) {
+            if g.remove(k).is_some() {
+                n.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 

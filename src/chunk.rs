@@ -100,15 +100,14 @@ impl ChunkStore {
 
     /// Starts rebuilding the presence filter on a thread, unless a build is running.
     fn rebuild_filter_in_background(&self) {
-        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+        // Busy (a build or GC's rebuild runs): that one will do.
+        let Ok(mut builder) = self.builder.try_lock() else {
+            return;
+        };
         if builder.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let names = self.expected_names(); // takes `active` itself
-        let fresh = {
-            let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            self.presence.begin_rebuild(names)
-        };
+        let fresh = self.begin_rebuild();
         let (meta, presence, stop) = (self.meta.clone(), self.presence.clone(), self.stop.clone());
         let spawned = std::thread::Builder::new()
             .name("thinfs-filter".into())
@@ -121,8 +120,20 @@ impl ChunkStore {
             });
         match spawned {
             Ok(h) => *builder = Some(h),
-            Err(e) => tracing::warn!("cannot start the chunk filter build: {e}"),
+            Err(e) => {
+                self.presence.abandon_rebuild();
+                tracing::warn!("cannot start the chunk filter build: {e}");
+            }
         }
+    }
+
+    /// A fresh filter (allocated before the append lock is taken) that collects
+    /// insertions from now on.
+    fn begin_rebuild(&self) -> Arc<filter::Bloom> {
+        let fresh = Arc::new(filter::Bloom::with_capacity(self.expected_names()));
+        let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.presence.begin_rebuild(&fresh);
+        fresh
     }
 
     /// Rebuilds the presence filter now (after a collection removed index entries, whose
@@ -133,11 +144,7 @@ impl ChunkStore {
         if let Some(h) = builder.take() {
             let _ = h.join();
         }
-        let names = self.expected_names(); // takes `active` itself
-        let fresh = {
-            let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            self.presence.begin_rebuild(names)
-        };
+        let fresh = self.begin_rebuild();
         self.presence
             .finish_rebuild(fresh, self.meta.chunk_ids(), &self.stop)?;
         Ok(())
@@ -646,7 +653,11 @@ mod tests {
         cs.sync().unwrap();
         assert!(meta.replace_chunk_loc(&ia, &old, &new).unwrap());
         cs.remove_pack(old.pack).unwrap();
-        assert_eq!(cs.get(&ia).unwrap(), a, "stale cached location: the index decides");
+        assert_eq!(
+            cs.get(&ia).unwrap(),
+            a,
+            "stale cached location: the index decides"
+        );
         let mut seen = Vec::new();
         cs.get_many(&[ia, ic], &mut |i, d| {
             seen.push((i, d.to_vec()));

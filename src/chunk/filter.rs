@@ -14,7 +14,9 @@
 //! - Removals from the index (GC) leave their bits set: a stale "maybe" costs one index
 //!   lookup. [`Presence::rebuild`] after a collection clears them.
 //! - Size: 16 bits per expected name (about 0.05% false "maybe" at that load with 11
-//!   probes), at least 2 MiB; 2 bytes per 16 KiB chunk stored.
+//!   probes), rounded up to a power of two, at least 2 MiB. The chunk store expects
+//!   twice the names its packs would hold in 16 KiB chunks (garbage included): 4 to 8
+//!   bytes per 16 KiB stored (16 MiB for 32 GiB), twice that while a rebuild runs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -110,23 +112,28 @@ impl Presence {
     }
 
     /// Records that `id` is about to enter the index. The caller holds the append lock.
+    /// The filter being built first: a build that finished in between has put itself in
+    /// place before it cleared `next`, so the second insertion reaches it.
     pub fn insert(&self, id: &ChunkId) {
+        if let Some(next) = self.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            next.insert(id);
+        }
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
-        if let Some(next) = self.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            next.insert(id);
-        }
     }
 
-    /// Starts collecting insertions into a fresh filter for `names` names. The caller
-    /// holds the append lock, so every insertion is either in the index already (and the
-    /// scan that follows finds it) or goes to the new filter.
-    pub fn begin_rebuild(&self, names: u64) -> Arc<Bloom> {
-        let fresh = Arc::new(Bloom::with_capacity(names));
+    /// Starts collecting insertions into `fresh` (allocate it before taking the lock).
+    /// The caller holds the append lock, so every insertion is either in the index
+    /// already (and the scan that follows finds it) or goes to `fresh` too.
+    pub fn begin_rebuild(&self, fresh: &Arc<Bloom>) {
         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
-        fresh
+    }
+
+    /// Gives up a build begun with [`Self::begin_rebuild`] (its thread did not start).
+    pub fn abandon_rebuild(&self) {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Fills `fresh` from a scan of the index and puts it in place. Stops early (keeping
@@ -138,7 +145,7 @@ impl Presence {
         ids: impl Iterator<Item = Result<ChunkId>>,
         stop: &AtomicBool,
     ) -> Result<Option<u64>> {
-        let abandon = || *self.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let abandon = || self.abandon_rebuild();
         let mut n = 0u64;
         for id in ids {
             if n % 4096 == 0 && stop.load(Ordering::Relaxed) {
@@ -155,8 +162,12 @@ impl Presence {
             n += 1;
         }
         fresh.ready.store(true, Ordering::Release);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            fresh,
+        );
         abandon();
+        drop(old); // freed outside the lock
         Ok(Some(n))
     }
 
@@ -217,7 +228,8 @@ mod tests {
     fn everything_maybe_until_built_then_exact() {
         let p = Presence::default();
         assert!(p.may_contain(&id(1)), "not built yet: the index decides");
-        let fresh = p.begin_rebuild(10);
+        let fresh = Arc::new(Bloom::with_capacity(10));
+        p.begin_rebuild(&fresh);
         p.insert(&id(2)); // an append while the scan runs
         let scanned = p
             .finish_rebuild(fresh, [Ok(id(1))].into_iter(), &AtomicBool::new(false))
@@ -231,7 +243,8 @@ mod tests {
     #[test]
     fn stopped_or_failed_rebuild_keeps_the_old_filter() {
         let p = Presence::default();
-        let fresh = p.begin_rebuild(10);
+        let fresh = Arc::new(Bloom::with_capacity(10));
+        p.begin_rebuild(&fresh);
         let stop = AtomicBool::new(true);
         assert_eq!(
             p.finish_rebuild(fresh, [Ok(id(1))].into_iter(), &stop)
@@ -239,7 +252,8 @@ mod tests {
             None
         );
         assert!(p.may_contain(&id(9)), "still not built");
-        let fresh = p.begin_rebuild(10);
+        let fresh = Arc::new(Bloom::with_capacity(10));
+        p.begin_rebuild(&fresh);
         let failing = [Err(crate::error::FsError::Invalid("scan".into()))].into_iter();
         assert!(p
             .finish_rebuild(fresh, failing, &AtomicBool::new(false))
