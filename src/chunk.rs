@@ -247,10 +247,6 @@ impl ChunkStore {
             self.locs.insert(*id, *loc);
         }
         self.meta.put_chunk_locs(&locs)?;
-        drop(active);
-        if self.presence.overfull() {
-            self.rebuild_filter_in_background();
-        }
         Ok(locs.len())
     }
 
