@@ -62,7 +62,7 @@ pub struct ChunkStore {
     /// that fails at a cached place asks the index. Never used to decide that the store
     /// has a chunk (a collection may have removed it since).
     locs: TwoGenCache<ChunkId, ChunkLoc>,
-    /// A background build of `presence` (at open, or when it outgrew its size).
+    /// The build of `presence` started at open (joined by GC's rebuild and on drop).
     builder: Mutex<Option<JoinHandle<()>>>,
     /// Tells the background build to stop (set on drop).
     stop: Arc<AtomicBool>,
@@ -89,24 +89,12 @@ impl ChunkStore {
             builder: Mutex::new(None),
             stop: Arc::default(),
         })
-        .inspect(|cs| cs.rebuild_filter_in_background())
+        .inspect(|cs| cs.build_filter_in_background())
     }
 
-    /// Expected number of names for a filter rebuild, with room to grow: twice what the
-    /// packs would hold in 16 KiB chunks, and twice the names the filter has taken.
-    fn expected_names(&self) -> u64 {
-        (self.packs_bytes() / 8192).max(2 * self.presence.inserted())
-    }
-
-    /// Starts rebuilding the presence filter on a thread, unless a build is running.
-    fn rebuild_filter_in_background(&self) {
-        // Busy (a build or GC's rebuild runs): that one will do.
-        let Ok(mut builder) = self.builder.try_lock() else {
-            return;
-        };
-        if builder.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
+    /// Builds the presence filter from the index on a thread (at open: nothing else
+    /// builds yet; until it is done every name is "maybe").
+    fn build_filter_in_background(&self) {
         let fresh = self.begin_rebuild();
         let (meta, presence, stop) = (self.meta.clone(), self.presence.clone(), self.stop.clone());
         let spawned = std::thread::Builder::new()
@@ -119,7 +107,7 @@ impl ChunkStore {
                 }
             });
         match spawned {
-            Ok(h) => *builder = Some(h),
+            Ok(h) => *self.builder.lock().unwrap_or_else(|p| p.into_inner()) = Some(h),
             Err(e) => {
                 self.presence.abandon_rebuild();
                 tracing::warn!("cannot start the chunk filter build: {e}");
@@ -128,9 +116,10 @@ impl ChunkStore {
     }
 
     /// A fresh filter (allocated before the append lock is taken) that collects
-    /// insertions from now on.
+    /// insertions from now on, sized for twice the names the packs would hold in 16 KiB
+    /// chunks (it grows by layers beyond that).
     fn begin_rebuild(&self) -> Arc<filter::Bloom> {
-        let fresh = Arc::new(filter::Bloom::with_capacity(self.expected_names()));
+        let fresh = Arc::new(filter::Bloom::with_capacity(self.packs_bytes() / 8192));
         let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
         self.presence.begin_rebuild(&fresh);
         fresh

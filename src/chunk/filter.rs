@@ -12,7 +12,7 @@
 //!   rebuild starts collecting those insertions under the same lock before it scans the
 //!   index. Until the first build finishes, every name is "maybe" (the index decides).
 //! - Removals from the index (GC) leave their bits set: a stale "maybe" costs one index
-//!   lookup. [`Presence::rebuild`] after a collection clears them.
+//!   lookup. GC's rebuild (`ChunkStore::rebuild_filter`) clears them.
 //! - Size: 16 bits per expected name (about 0.05% false "maybe" per layer at that load
 //!   with 11 probes), rounded up to a power of two, at least 2 MiB; the filter grows by
 //!   layers twice as large as the last ([`Bloom`]). The chunk store expects twice the
@@ -198,17 +198,16 @@ impl Presence {
         ids: impl Iterator<Item = Result<ChunkId>>,
         stop: &AtomicBool,
     ) -> Result<Option<u64>> {
-        let abandon = || self.abandon_rebuild();
         let mut n = 0u64;
         for id in ids {
             if n % 4096 == 0 && stop.load(Ordering::Relaxed) {
-                abandon();
+                self.abandon_rebuild();
                 return Ok(None);
             }
             match id {
                 Ok(id) => fresh.insert(&id),
                 Err(e) => {
-                    abandon();
+                    self.abandon_rebuild();
                     return Err(e);
                 }
             }
@@ -219,15 +218,9 @@ impl Presence {
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
             fresh,
         );
-        abandon();
+        self.abandon_rebuild();
         drop(old); // freed outside the lock
         Ok(Some(n))
-    }
-
-    /// Names the current filter has taken.
-    pub fn inserted(&self) -> u64 {
-        let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
-        cur.inserted()
     }
 
     /// Memory of the filters, in bytes.
