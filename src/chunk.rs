@@ -442,6 +442,53 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Appends an intent-log record (`fs/journal.rs`) to the active pack; it is durable
+    /// after the next [`ChunkStore::sync`].
+    pub(crate) fn append_log(&self, payload: &[u8]) -> Result<()> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.len >= PACK_TARGET {
+            *active = self.new_pack(active.id + 1)?;
+        }
+        active.append_log(payload)?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(active.id);
+        Ok(())
+    }
+
+    /// Where the next record goes: (active pack, offset). Every chunk appended before has
+    /// its index entry (inserted under the same lock).
+    pub(crate) fn append_position(&self) -> (u32, u64) {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        (active.id, active.len)
+    }
+
+    /// Every well-formed record from `(pack, offset)` on, in append order, as
+    /// (kind, hash, location); not verified (see [`ChunkStore::read_loc`]).
+    pub(crate) fn records_since(
+        &self,
+        (from_pack, from_offset): (u32, u64),
+    ) -> Result<Vec<(pack::Kind, ChunkId, ChunkLoc)>> {
+        let mut out = Vec::new();
+        for id in pack::list_packs(&self.dir)? {
+            if id < from_pack {
+                continue;
+            }
+            let from = if id == from_pack { from_offset } else { 0 };
+            let (entries, _) = pack::scan_entries(&pack::pack_path(&self.dir, id), from)?;
+            out.extend(entries.into_iter().map(|(kind, rec)| {
+                let loc = ChunkLoc {
+                    pack: id,
+                    offset: rec.offset,
+                    len: rec.len,
+                };
+                (kind, rec.id, loc)
+            }));
+        }
+        Ok(out)
+    }
+
     /// Size of pack `id` in records (the active pack's zeros ahead not counted).
     pub fn pack_size(&self, id: u32) -> std::io::Result<u64> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());

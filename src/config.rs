@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{FsError, Result};
 
-/// The on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The on-disk format this build writes. 3: packs also hold intent-log records.
+pub const FORMAT_VERSION: u32 = 3;
+/// Older formats this build opens (and upgrades at the first read-write open: format 2
+/// is format 3 without log records).
+pub const UPGRADES_FROM: u32 = 2;
 /// Name of the identity file inside a store.
 pub const CONFIG_FILE: &str = "thinfs.toml";
 /// Default logical block size (see the fleet benchmark in scripts/bench.sh).
@@ -88,7 +91,7 @@ impl StoreConfig {
         }
         let version = version
             .ok_or_else(|| FsError::Invalid(format!("{}: no format_version", path.display())))?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != UPGRADES_FROM {
             return Err(FsError::Invalid(format!(
                 "store {} has format version {version}; this thinfs reads version {FORMAT_VERSION}",
                 store.display()
@@ -219,10 +222,26 @@ mod tests {
         let text = fs::read_to_string(StoreConfig::path(dir.path())).unwrap();
         fs::write(
             StoreConfig::path(dir.path()),
-            text.replace("format_version = 2", "format_version = 999"),
+            text.replace(
+                &format!("format_version = {FORMAT_VERSION}"),
+                "format_version = 999",
+            ),
         )
         .unwrap();
         let err = StoreConfig::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("format version 999"), "{err}");
+        // The format before the intent log still opens.
+        fs::write(
+            StoreConfig::path(dir.path()),
+            text.replace(
+                &format!("format_version = {FORMAT_VERSION}"),
+                &format!("format_version = {UPGRADES_FROM}"),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            StoreConfig::load(dir.path()).unwrap().format_version,
+            UPGRADES_FROM
+        );
     }
 }

@@ -21,6 +21,7 @@
 mod clone;
 mod durable;
 mod io;
+mod journal;
 pub mod namespace;
 mod prestore;
 pub mod snapshot;
@@ -261,6 +262,13 @@ impl Datastore {
             .into_bytes();
         snapshot::check_snapshot_name(&String::from_utf8_lossy(&snapdir))?;
         let lock = lock_store(path)?;
+        let mut cfg = cfg;
+        if cfg.format_version == crate::config::UPGRADES_FROM {
+            // Before anything is written: this build's packs carry log records that an
+            // older build would not replay.
+            cfg.format_version = crate::config::FORMAT_VERSION;
+            cfg.save(path)?;
+        }
         let cache = opts.meta_cache.unwrap_or(crate::meta::DEFAULT_CACHE);
         let meta = Arc::new(Meta::open_with_cache(&path.join("meta"), cache)?);
         if meta.inode(InodeNo::ROOT, View::Live)?.is_none() {
@@ -290,6 +298,7 @@ impl Datastore {
             group_sync: durable::GroupSync::default(),
             prestore: prestore::Prestore::idle(),
         });
+        ds.replay_log()?;
         ds.drop_orphans()?;
         if !opts.no_background {
             spawn_flusher(&ds);
@@ -607,7 +616,11 @@ impl Datastore {
     /// kept.
     pub(crate) fn barrier(&self) -> Result<()> {
         self.group_sync.sync(|| {
+            // Every logged flush before this position is committed: after the metadata
+            // flush below it need not be replayed.
+            let (pack, offset) = self.chunks.append_position();
             self.chunks.sync()?;
+            self.meta.set_log_checkpoint(pack, offset)?;
             self.meta.flush()
         })
     }

@@ -48,6 +48,28 @@ pub struct Meta {
     epoch_gate: Arc<parking_lot::RwLock<()>>,
     /// GC support: inode versions dropped while a collection marks (see [`Dropped`]).
     dropped: Dropped,
+    /// Versions of regular files, for the intent log (see [`FileVersions`]).
+    pub(crate) versions: FileVersions,
+}
+
+/// Versions of regular files' live records, for the intent log (`fs/journal.rs`).
+///
+/// Every write of a regular file's live record also writes a new version, unique for the
+/// life of the store, under the `v` key. A logged flush (the intent log's record of it
+/// names the version it replaces and the one it writes) can be replayed after a crash
+/// exactly when the durable metadata holds the version it replaced: the record applies
+/// to the base it was made from, never twice, and never over a later change. Any other
+/// write of the record ("unlogged": truncate, punch, rename, clone...) breaks the chain,
+/// so an fsync after one needs a full barrier, until a metadata flush has covered it.
+pub(crate) struct FileVersions {
+    /// This open's generation in the high bits: versions never repeat across opens.
+    next: AtomicU64,
+    /// Metadata flushes started and the highest finished.
+    pub(crate) flushes_started: AtomicU64,
+    flushes_done: AtomicU64,
+    /// Files with an unlogged write committed, and `flushes_started` at that moment: it
+    /// is durable once a flush numbered higher has finished.
+    unlogged: parking_lot::Mutex<std::collections::HashMap<InodeNo, u64>>,
 }
 
 /// GC support: the "snapshot at the beginning" barrier of a collection's mark phase.
@@ -134,6 +156,8 @@ pub struct Batch {
     /// Held from the first versioned write until commit, so a snapshot cannot freeze the
     /// epoch between choosing a version's epoch and committing it.
     epoch_guard: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
+    /// Regular files whose records this batch writes without the intent log.
+    unlogged: Vec<InodeNo>,
 }
 
 impl Batch {
@@ -213,7 +237,21 @@ impl Meta {
             snapshots: RwLock::new(BTreeSet::new()),
             epoch_gate: Arc::default(),
             dropped: Dropped::default(),
+            versions: FileVersions {
+                next: AtomicU64::new(0),
+                flushes_started: AtomicU64::new(0),
+                flushes_done: AtomicU64::new(0),
+                unlogged: Default::default(),
+            },
         };
+        // Versions are (open generation << 32) + n: unique across opens, 2^32 per open.
+        let generation = meta.counter("open-generation")? + 1;
+        meta.db
+            .insert(keys::counter("open-generation"), &generation.to_be_bytes())?;
+        meta.versions.next.store(generation << 32, Ordering::SeqCst);
+        // Durable before any version of this generation can be (a crash must not give
+        // the next open the same generation).
+        meta.flush()?;
         let epoch = meta.counter("epoch")?.max(1);
         meta.epoch.store(epoch, Ordering::SeqCst);
         let mut snaps = BTreeSet::new();
@@ -226,8 +264,66 @@ impl Meta {
 
     /// Makes everything committed so far durable.
     pub fn flush(&self) -> Result<()> {
+        let v = &self.versions;
+        let number = v.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
         self.db.flush()?;
-        self.files.sync()
+        self.files.sync()?;
+        let done = v
+            .flushes_done
+            .fetch_max(number, Ordering::SeqCst)
+            .max(number);
+        v.unlogged.lock().retain(|_, at| *at >= done);
+        Ok(())
+    }
+
+    /// Whether every write of `ino`'s record not made through the intent log is durable
+    /// (then the log alone makes its later, logged writes durable).
+    pub fn unlogged_durable(&self, ino: InodeNo) -> bool {
+        let v = &self.versions;
+        match v.unlogged.lock().get(&ino) {
+            None => true,
+            Some(at) => v.flushes_done.load(Ordering::SeqCst) > *at,
+        }
+    }
+
+    /// Treats `ino`'s current record as written without the log (its log record could
+    /// not be appended).
+    pub fn mark_unlogged(&self, ino: InodeNo) {
+        let at = self.versions.flushes_started.load(Ordering::SeqCst);
+        self.versions.unlogged.lock().insert(ino, at);
+    }
+
+    /// A new file version (see [`FileVersions`]).
+    pub fn new_version(&self) -> u64 {
+        self.versions.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The version of regular file `ino`'s live record (0: none written).
+    pub fn file_version(&self, ino: InodeNo) -> Result<u64> {
+        Ok(match self.db.get(keys::version(ino))? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => 0,
+        })
+    }
+
+    /// Where the intent log's replay starts: (pack, offset) of the append position when
+    /// the last barrier began (every logged flush before it is in durable metadata).
+    pub fn log_checkpoint(&self) -> Result<(u32, u64)> {
+        Ok(match self.db.get(keys::counter("log-checkpoint"))? {
+            Some(v) if v.len() == 12 => (
+                u32::from_be_bytes(v[..4].try_into().unwrap_or([0; 4])),
+                u64::from_be_bytes(v[4..].try_into().unwrap_or([0; 8])),
+            ),
+            _ => (0, 0),
+        })
+    }
+
+    /// Records the intent log's replay start (made durable by the next flush).
+    pub fn set_log_checkpoint(&self, pack: u32, offset: u64) -> Result<()> {
+        let mut v = pack.to_be_bytes().to_vec();
+        v.extend_from_slice(&offset.to_be_bytes());
+        self.db.insert(keys::counter("log-checkpoint"), v)?;
+        Ok(())
     }
 
     /// Bytes the metadata takes on disk.
@@ -239,6 +335,13 @@ impl Meta {
     pub fn commit(&self, batch: Batch) -> Result<()> {
         if !batch.empty {
             self.db.apply_batch(batch.inner)?;
+        }
+        if !batch.unlogged.is_empty() {
+            let at = self.versions.flushes_started.load(Ordering::SeqCst);
+            let mut unlogged = self.versions.unlogged.lock();
+            for ino in batch.unlogged {
+                unlogged.insert(ino, at);
+            }
         }
         Ok(())
     }
@@ -343,8 +446,25 @@ impl Meta {
         }
     }
 
-    /// Adds the write of an inode record to `batch`.
+    /// Adds the write of an inode record to `batch` (a regular file's gets a new version
+    /// that no intent-log record names: see [`FileVersions`]).
     pub fn put_inode(&self, batch: &mut Batch, inode: &Inode) -> Result<()> {
+        if inode.kind == FileKind::File {
+            let version = self.new_version();
+            batch.insert(keys::version(inode.ino), version.to_be_bytes().to_vec());
+            batch.unlogged.push(inode.ino);
+        }
+        self.put_inode_record(batch, inode)
+    }
+
+    /// Adds the write of a regular file's record at `version`, which an intent-log record
+    /// names (the flush path).
+    pub fn put_inode_logged(&self, batch: &mut Batch, inode: &Inode, version: u64) -> Result<()> {
+        batch.insert(keys::version(inode.ino), version.to_be_bytes().to_vec());
+        self.put_inode_record(batch, inode)
+    }
+
+    fn put_inode_record(&self, batch: &mut Batch, inode: &Inode) -> Result<()> {
         self.put_versioned(
             batch,
             &keys::inode_prefix(inode.ino),
@@ -354,6 +474,8 @@ impl Meta {
 
     /// Adds the deletion of an inode record to `batch`.
     pub fn delete_inode(&self, batch: &mut Batch, ino: InodeNo) -> Result<()> {
+        batch.remove(keys::version(ino));
+        batch.unlogged.push(ino);
         self.put_versioned(batch, &keys::inode_prefix(ino), None)
     }
 
@@ -491,13 +613,13 @@ impl Meta {
         Ok(())
     }
 
-    /// Records where each of several chunks is stored, in one atomic batch.
+    /// Records where each of several chunks is stored. Each entry stands alone, so they
+    /// are plain inserts: a sled batch writes (and `sync_file_range`s) its log buffer
+    /// twice on sled's I/O threads, whatever its size (sled 0.34 `pin_log`).
     pub fn put_chunk_locs(&self, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
         for (id, loc) in locs {
-            batch.insert(keys::chunk(id), records::encode(loc));
+            self.db.insert(keys::chunk(id), records::encode(loc))?;
         }
-        self.db.apply_batch(batch)?;
         Ok(())
     }
 

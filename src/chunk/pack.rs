@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 use crate::error::{FsError, Result};
 use crate::ids::ChunkId;
 
-/// Magic bytes at the start of every record.
+/// Magic bytes at the start of every chunk record.
 pub const MAGIC: &[u8; 4] = b"TFC1";
+/// Magic bytes of an intent-log record (`fs/journal.rs`): the same header, with the
+/// BLAKE3 hash of its payload in place of a chunk name. Packs carry both, so an fsync
+/// makes a write durable with one `fdatasync` of the pack.
+pub const LOG_MAGIC: &[u8; 4] = b"TFL1";
 /// Length of a record header.
 pub const HEADER_LEN: u64 = 40;
 
@@ -45,8 +49,12 @@ pub fn list_packs(dir: &Path) -> Result<Vec<u32>> {
 
 /// Encodes a record header.
 pub fn header(id: &ChunkId, len: u32) -> [u8; HEADER_LEN as usize] {
+    header_with(MAGIC, id, len)
+}
+
+fn header_with(magic: &[u8; 4], id: &ChunkId, len: u32) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
-    h[..4].copy_from_slice(MAGIC);
+    h[..4].copy_from_slice(magic);
     h[4..8].copy_from_slice(&len.to_be_bytes());
     h[8..].copy_from_slice(&id.0);
     h
@@ -152,6 +160,28 @@ impl ActivePack {
     }
 }
 
+impl ActivePack {
+    /// Appends an intent-log record; returns the offset of its payload. On failure the
+    /// pack is cut back (no torn record is left).
+    pub fn append_log(&mut self, payload: &[u8]) -> Result<u64> {
+        let h = header_with(LOG_MAGIC, &ChunkId::of(payload), payload.len() as u32);
+        if let Err(e) = write_all_vectored_at(&self.file, &[&h, payload], self.len) {
+            let _ = self.file.set_len(self.len);
+            self.zeroed_to = self.len;
+            return Err(FsError::io(
+                format!(
+                    "appending a log record to pack {} at offset {}",
+                    self.id, self.len
+                ),
+                e,
+            ));
+        }
+        let at = self.len + HEADER_LEN;
+        self.len = at + payload.len() as u64;
+        Ok(at)
+    }
+}
+
 impl Drop for ActivePack {
     fn drop(&mut self) {
         if self.zeroed_to > self.len {
@@ -237,9 +267,29 @@ pub struct Record {
     pub len: u32,
 }
 
-/// Reads every well-formed record of a pack, stopping at the first torn or foreign one.
-/// Returns the records and the offset where scanning stopped.
+/// Reads every well-formed chunk record of a pack, stopping at the first torn or foreign
+/// one. Returns the records and the offset where scanning stopped.
 pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
+    let (entries, end) = scan_entries(path, 0)?;
+    let chunks = entries
+        .into_iter()
+        .filter_map(|(kind, rec)| (kind == Kind::Chunk).then_some(rec))
+        .collect();
+    Ok((chunks, end))
+}
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chunk,
+    /// An intent-log record; its `id` is the hash of its payload.
+    Log,
+}
+
+/// Reads every well-formed record (chunks and log records) from `from` on, stopping at
+/// the first torn or foreign one; the data is not read (not verified). Returns them
+/// and the offset where scanning stopped.
+pub fn scan_entries(path: &Path, from: u64) -> Result<(Vec<(Kind, Record)>, u64)> {
     let file =
         File::open(path).map_err(|e| FsError::io(format!("opening {}", path.display()), e))?;
     let size = file
@@ -247,23 +297,29 @@ pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
         .map_err(|e| FsError::io(format!("stat {}", path.display()), e))?
         .len();
     let mut out = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = from;
     let mut h = [0u8; HEADER_LEN as usize];
     while pos + HEADER_LEN <= size {
-        if file.read_exact_at(&mut h, pos).is_err() || &h[..4] != MAGIC {
+        if file.read_exact_at(&mut h, pos).is_err() {
             break;
         }
+        let kind = match &h[..4] {
+            m if m == MAGIC => Kind::Chunk,
+            m if m == LOG_MAGIC => Kind::Log,
+            _ => break,
+        };
         let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         if pos + HEADER_LEN + len as u64 > size {
             break;
         }
         let mut id = [0u8; 32];
         id.copy_from_slice(&h[8..]);
-        out.push(Record {
+        let rec = Record {
             id: ChunkId(id),
             offset: pos + HEADER_LEN,
             len,
-        });
+        };
+        out.push((kind, rec));
         pos += HEADER_LEN + len as u64;
     }
     Ok((out, pos))

@@ -73,13 +73,20 @@ impl Datastore {
         self.flush_state(&mut g)
     }
 
-    /// Makes everything written to `ino` durable.
+    /// Makes everything written to `ino` durable: the flush's intent-log record and the
+    /// chunks with one sync of the packs when every other change to the file is durable
+    /// already, else a full barrier.
     pub fn fsync(&self, ino: InodeNo) -> Result<()> {
-        {
+        let logged = {
             let mut g = self.lock(ino)?;
             self.flush_state(&mut g)?;
+            g.inode.kind == FileKind::File && self.meta.unlogged_durable(ino)
+        };
+        if logged {
+            self.chunks.sync()
+        } else {
+            self.barrier()
         }
-        self.barrier()
     }
 
     pub(super) fn drop_dirty(&self, st: &mut InodeState) {
@@ -106,16 +113,39 @@ impl Datastore {
         let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
         let old_root = st.inode.map;
         st.inode.map = root;
-        if let Err(e) = self
-            .meta
-            .put_inode(&mut batch, &st.inode)
-            .and_then(|_| self.meta.commit(batch))
-        {
-            st.inode.map = old_root;
-            return Err(e);
-        }
+        // A regular file's data flush goes into the intent log (see journal.rs); a
+        // change of attributes alone (atime) is written without it.
+        let logged = st.inode.kind == FileKind::File && !changes.is_empty();
+        let committed = if logged {
+            self.meta.file_version(st.inode.ino).and_then(|prev| {
+                let version = self.meta.new_version();
+                self.meta
+                    .put_inode_logged(&mut batch, &st.inode, version)
+                    .and_then(|_| self.meta.commit(batch))
+                    .map(|_| Some((prev, version)))
+            })
+        } else {
+            self.meta
+                .put_inode(&mut batch, &st.inode)
+                .and_then(|_| self.meta.commit(batch))
+                .map(|_| None)
+        };
+        let versions = match committed {
+            Ok(v) => v,
+            Err(e) => {
+                st.inode.map = old_root;
+                return Err(e);
+            }
+        };
         st.attr_dirty = false;
         self.drop_dirty(st);
+        if let Some((prev, version)) = versions {
+            if let Err(e) = self.log_flush(prev, version, &st.inode, &changes) {
+                // Committed but not logged: the next fsync needs a full barrier.
+                self.meta.mark_unlogged(st.inode.ino);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 //! | `n`   | `n` node:[u8;32]                            | block-map node bytes   | GC sweep, fsck         |
 //! | `s`   | `s` name                                    | [`SnapshotRecord`]     | snapshot list          |
 //! | `o`   | `o` ino:u64                                 | empty (orphan marker)  | mount-time cleanup     |
+//! | `v`   | `v` ino:u64                                 | u64 BE file version    | intent-log replay      |
 //!
 //! File names never contain 0x00, so the separator keeps `d` keys of one directory
 //! contiguous and unambiguous.
@@ -33,6 +34,7 @@ pub const CHUNK: u8 = b'k';
 pub const NODE: u8 = b'n';
 pub const SNAPSHOT: u8 = b's';
 pub const ORPHAN: u8 = b'o';
+pub const VERSION: u8 = b'v';
 
 /// Length of the epoch suffix of versioned keys.
 pub const EPOCH_LEN: usize = 8;
@@ -119,6 +121,13 @@ pub fn hash_of(key: &[u8]) -> ChunkId {
 pub fn snapshot(name: &[u8]) -> Vec<u8> {
     let mut k = vec![SNAPSHOT];
     k.extend_from_slice(name);
+    k
+}
+
+/// The version of a regular file's live record (see `Meta::put_inode`).
+pub fn version(ino: InodeNo) -> Vec<u8> {
+    let mut k = vec![VERSION];
+    k.extend_from_slice(&ino.0.to_be_bytes());
     k
 }
 
