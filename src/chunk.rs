@@ -489,6 +489,15 @@ impl ChunkStore {
         Ok(out)
     }
 
+    /// Makes packs `ids` durable with the next [`ChunkStore::sync`] (records a crashed
+    /// daemon appended may be only in the page cache).
+    pub(crate) fn mark_unsynced(&self, ids: impl IntoIterator<Item = u32>) {
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+    }
+
     /// Size of pack `id` in records (the active pack's zeros ahead not counted).
     pub fn pack_size(&self, id: u32) -> std::io::Result<u64> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());

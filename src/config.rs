@@ -122,7 +122,9 @@ impl StoreConfig {
             .map_err(|e| FsError::io(ctx("writing"), e))?;
         f.sync_all().map_err(|e| FsError::io(ctx("syncing"), e))?;
         fs::rename(&tmp, &path).map_err(|e| FsError::io(ctx("renaming"), e))?;
-        Ok(())
+        fs::File::open(store)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| FsError::io(format!("syncing {}", store.display()), e))
     }
 }
 

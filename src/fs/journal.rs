@@ -7,8 +7,10 @@
 //! file's new record, the block-map changes, and the file version it replaces and the one
 //! it writes (see `meta::FileVersions`). The chunks it names are in the packs already, so
 //! an fsync is the flush plus one `fdatasync` of the packs. sled is made durable at the
-//! next barrier (every 2 s, or any fsync that needs one), which also records where the
-//! log's replay starts (the checkpoint).
+//! next barrier (the background flusher's every 2 s, or any fsync or sync that needs
+//! one), which also records where the log's replay starts (the checkpoint). Log records
+//! are dead bytes in the packs once a barrier has passed them (fsck counts them as
+//! garbage; compaction drops them).
 //!
 //! At open, the records after the checkpoint are replayed in append order: a record
 //! applies only if the durable metadata holds exactly the version it replaced, so it is
@@ -76,27 +78,31 @@ impl Datastore {
     /// Replays the intent log after the checkpoint (at open, before anything else runs).
     pub(super) fn replay_log(&self) -> Result<Replay> {
         let mut done = Replay::default();
-        let from = self.meta.log_checkpoint()?;
-        for (kind, id, loc) in self.chunks.records_since(from)? {
-            match kind {
-                Kind::Chunk => {
-                    if self.meta.chunk_loc(&id)?.is_none()
-                        && self.chunks.read_loc(&id, &loc).is_ok()
-                    {
-                        self.chunks.restore_loc(&id, &loc)?;
-                        done.reindexed += 1;
+        if let Some(from) = self.meta.log_checkpoint()? {
+            let records = self.chunks.records_since(from)?;
+            // What a killed daemon appended may be only in the page cache: durable before
+            // the metadata built from it is.
+            self.chunks
+                .mark_unsynced(records.iter().map(|(_, _, loc)| loc.pack));
+            for (kind, id, loc) in records {
+                match kind {
+                    Kind::Chunk => {
+                        if self.meta.chunk_loc(&id)?.is_none()
+                            && self.chunks.read_loc(&id, &loc).is_ok()
+                        {
+                            self.chunks.restore_loc(&id, &loc)?;
+                            done.reindexed += 1;
+                        }
                     }
-                }
-                Kind::Log => {
-                    if self.replay_record(&id, &loc)? {
-                        done.applied += 1;
-                    } else {
-                        done.skipped += 1;
-                    }
+                    Kind::Log => match self.replay_record(&id, &loc)? {
+                        true => done.applied += 1,
+                        false => done.skipped += 1,
+                    },
                 }
             }
+            self.chunks.sync()?;
         }
-        // Everything before this open's pack is now in the metadata made durable here.
+        // Everything before this open's pack is in the metadata made durable here.
         let (pack, offset) = self.chunks.append_position();
         self.meta.set_log_checkpoint(pack, offset)?;
         self.meta.flush()?;
@@ -111,20 +117,26 @@ impl Datastore {
         Ok(done)
     }
 
-    /// Applies one log record if its base is the durable metadata; returns whether it did.
+    /// Applies one log record if its base is the durable metadata; returns whether it
+    /// did. A record that cannot be applied is reported and skipped (the store still
+    /// opens, for fsck to judge); only metadata I/O errors are returned.
     fn replay_record(&self, hash: &ChunkId, loc: &ChunkLoc) -> Result<bool> {
+        let at = format!("log record in pack {} at offset {}", loc.pack, loc.offset);
         let payload = match self.chunks.read_loc(hash, loc) {
             Ok(p) => p,
             Err(e) => {
                 // A record torn by the crash was never acknowledged (fsync waits for it).
-                tracing::warn!("intent log: skipping an unreadable record: {e}");
+                tracing::warn!("intent log: skipping an unreadable {at}: {e}");
                 return Ok(false);
             }
         };
-        let rec: LogRecord = records::decode(
-            &payload,
-            &format!("log record in pack {} at offset {}", loc.pack, loc.offset),
-        )?;
+        let rec: LogRecord = match records::decode(&payload, &at) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("intent log: skipping {at}: {e}");
+                return Ok(false);
+            }
+        };
         let ino = rec.inode.ino;
         if self.meta.file_version(ino)? != rec.prev {
             return Ok(false);
@@ -134,17 +146,22 @@ impl Datastore {
         };
         let changes = rec.changes.iter().copied().collect();
         let mut batch = Batch::default();
-        let root = self.maps.update(current.map, &changes, &mut batch)?;
+        let root = match self.maps.update(current.map, &changes, &mut batch) {
+            Ok(root) => root,
+            Err(e) => {
+                tracing::error!("intent log: {at} (inode {ino}) not applied: {e}");
+                return Ok(false);
+            }
+        };
         if root != rec.inode.map {
             tracing::error!(
-                "intent log: the record of inode {ino} in pack {} at offset {} gives another block map than it names; not applied",
-                loc.pack, loc.offset
+                "intent log: {at} (inode {ino}) gives another block map than it names; not applied"
             );
             return Ok(false);
         }
         self.meta
             .put_inode_logged(&mut batch, &rec.inode, rec.version)?;
-        self.meta.commit(batch)?;
+        self.meta.commit_logged(batch)?;
         Ok(true)
     }
 }
@@ -265,6 +282,26 @@ mod tests {
         drop(ds);
         let ds = Datastore::open(&copy, &opts()).unwrap();
         assert_eq!(read_all(&ds, f), bytes(1, 20_000)[..100].to_vec());
+    }
+
+    #[test]
+    fn a_rollback_breaks_the_version_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s");
+        Datastore::mkfs(&store, 4096).unwrap();
+        let ds = Datastore::open(&store, &opts()).unwrap();
+        let f = ds.create(InodeNo::ROOT, b"a", 0o644, WHO).unwrap().ino;
+        ds.write(f, 0, &bytes(4, 10_000)).unwrap();
+        ds.fsync(f).unwrap();
+        ds.snapshot_create("s1").unwrap();
+        ds.write(f, 0, &bytes(5, 10_000)).unwrap();
+        ds.fsync(f).unwrap();
+        let before = ds.meta.file_version(f).unwrap();
+        ds.snapshot_rollback("s1", true).unwrap();
+        // A log record made after the rollback must not chain onto the version before
+        // it (replayed over a pre-rollback base it would be applied to the wrong map).
+        assert_ne!(ds.meta.file_version(f).unwrap(), before);
+        assert_eq!(read_all(&ds, f), bytes(4, 10_000));
     }
 
     #[test]
