@@ -3,9 +3,11 @@
 //!
 //! A write lands in the inode's buffer of dirty blocks (whole blocks: a partial write
 //! merges with the block's current content). A flush hashes the dirty blocks, stores the
-//! new chunks, rewrites the touched paths of the block map and commits the inode record
-//! with the new root in one batch. fsync adds the durability barrier: packs are synced
-//! before the metadata that references them is flushed.
+//! new chunks, rewrites the touched paths of the block map, commits the inode record with
+//! the new root, and appends the flush's intent-log record to the pack (journal.rs).
+//! fsync then syncs the packs, which holds the record; or, when the file has other
+//! changes not yet durable, runs the full barrier: packs synced before the metadata that
+//! references them is flushed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
