@@ -123,7 +123,7 @@ impl Datastore {
                 let version = self.meta.new_version();
                 self.meta
                     .put_inode_logged(&mut batch, &st.inode, version)
-                    .and_then(|_| self.meta.commit(batch))
+                    .and_then(|_| self.meta.commit_logged(batch))
                     .map(|_| Some((prev, version)))
             })
         } else {
