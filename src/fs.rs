@@ -76,14 +76,81 @@ pub struct OpenOptions {
 /// One dirty block in a write-back buffer.
 #[derive(Clone)]
 struct Dirty {
-    /// The block's new content; `None` is a hole.
+    /// The block's new content; `None` is a hole. For a block written only in part
+    /// (`partial`), the written bytes; the rest is the committed content's.
     data: Option<Arc<[u8]>>,
+    /// A block written only in part whose committed content has not been read yet.
+    partial: Option<Arc<Partial>>,
     /// Whether the committed map has data at this block.
     was_data: bool,
     /// The data's chunk name, once hashed (by a pre-store worker or the flush).
     hash: Arc<std::sync::OnceLock<ChunkId>>,
     /// Handed to the pre-store workers.
     queued: bool,
+}
+
+/// A block written only in part, over committed content that is read later (by a
+/// pre-store worker, a read of the block, or the flush), not on the write path: a 4 KiB
+/// write into a 16 KiB block does not wait for a read of the other 12 KiB. Some written
+/// byte is not zero, so the merged block is data, never a hole.
+struct Partial {
+    /// The block's committed content.
+    base: ChunkId,
+    /// Byte ranges of the dirty data that were written: sorted, disjoint, not adjacent.
+    ranges: Vec<(usize, usize)>,
+    /// The whole new content, once the base has been read.
+    merged: std::sync::OnceLock<Arc<[u8]>>,
+}
+
+/// Partly written blocks with more separate written ranges than this are merged at once.
+const PARTIAL_RANGES_MAX: usize = 32;
+
+impl Partial {
+    /// `ranges` plus `[from, to)`, merged.
+    fn with_range(ranges: &[(usize, usize)], from: usize, to: usize) -> Vec<(usize, usize)> {
+        let mut all = ranges.to_vec();
+        all.push((from, to));
+        all.sort_unstable();
+        let mut out: Vec<(usize, usize)> = Vec::with_capacity(all.len());
+        for (a, b) in all {
+            match out.last_mut() {
+                Some((_, end)) if a <= *end => *end = (*end).max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
+    /// The whole content: `base` (the committed block) with the written ranges of
+    /// `data` over it. Stored in `merged` and returned.
+    fn merge(&self, data: &[u8], base: &[u8]) -> Arc<[u8]> {
+        self.merged
+            .get_or_init(|| {
+                let mut block = base.to_vec();
+                block.resize(data.len(), 0);
+                for &(a, b) in &self.ranges {
+                    block[a..b].copy_from_slice(&data[a..b]);
+                }
+                block.into()
+            })
+            .clone()
+    }
+}
+
+impl Dirty {
+    /// The block's whole new content if it is known without a read (`None`: a hole, or
+    /// a partly written block not merged yet).
+    fn content(&self) -> Option<&Arc<[u8]>> {
+        match &self.partial {
+            Some(p) => p.merged.get(),
+            None => self.data.as_ref(),
+        }
+    }
+
+    /// A partly written block whose committed content is still to be read.
+    fn unmerged(&self) -> Option<&Arc<Partial>> {
+        self.partial.as_ref().filter(|p| p.merged.get().is_none())
+    }
 }
 
 /// The in-memory state of a cached inode.

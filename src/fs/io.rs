@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    prestore, Datastore, Dirty, InodeState, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE,
-    TOTAL_DIRTY_LIMIT,
+    prestore, Datastore, Dirty, InodeState, Partial, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE,
+    PARTIAL_RANGES_MAX, TOTAL_DIRTY_LIMIT,
 };
 use crate::error::{FsError, Result};
 use crate::ids::{ChunkId, InodeNo};
@@ -154,6 +154,7 @@ impl Datastore {
     /// Hashes (unless a pre-store worker did) and stores the dirty blocks; returns the
     /// map changes. Hashing runs in parallel when much is left to hash.
     fn store_blocks(&self, dirty: &BTreeMap<u64, Dirty>) -> Result<BTreeMap<u64, Option<ChunkId>>> {
+        self.merge_partials(dirty.values())?;
         let unhashed: Vec<&Dirty> = dirty
             .values()
             .filter(|d| d.data.is_some() && d.hash.get().is_none())
@@ -165,7 +166,7 @@ impl Datastore {
         let threads = super::cpus().min(4);
         let hash_all = |part: &[&Dirty]| {
             for d in part {
-                if let Some(data) = &d.data {
+                if let Some(data) = d.content() {
                     d.hash.get_or_init(|| ChunkId::of(data));
                 }
             }
@@ -183,7 +184,7 @@ impl Datastore {
         let mut changes = BTreeMap::new();
         let mut chunks: Vec<(ChunkId, &[u8])> = Vec::new();
         for (&idx, d) in dirty {
-            match &d.data {
+            match d.content() {
                 None => {
                     changes.insert(idx, None);
                 }
@@ -198,10 +199,28 @@ impl Datastore {
         Ok(changes)
     }
 
+    /// Reads the committed content under the partly written blocks among `dirty` that
+    /// are not merged yet, and merges them (one batched read).
+    fn merge_partials<'a>(&self, dirty: impl Iterator<Item = &'a Dirty>) -> Result<()> {
+        let pending: Vec<(&Arc<Partial>, &Arc<[u8]>)> = dirty
+            .filter_map(|d| Some((d.unmerged()?, d.data.as_ref()?)))
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<ChunkId> = pending.iter().map(|(p, _)| p.base).collect();
+        self.chunks.get_many(&ids, &mut |i, base| {
+            let (p, data) = pending[i];
+            p.merge(data, base);
+            Ok(())
+        })
+    }
+
     /// The current content of block `idx` (dirty buffer first), or `None` for a hole.
     fn block(&self, st: &InodeState, idx: u64) -> Result<Option<Arc<[u8]>>> {
         if let Some(d) = st.dirty.get(&idx) {
-            return Ok(d.data.clone());
+            self.merge_partials(std::iter::once(d))?;
+            return Ok(d.content().cloned());
         }
         match self.maps.lookup(st.inode.map, idx)? {
             None => Ok(None),
@@ -225,9 +244,16 @@ impl Datastore {
         e
     }
 
-    /// Puts a block into the write-back buffer.
-    fn set_block(&self, st: &mut InodeState, idx: u64, data: Option<Arc<[u8]>>) -> Result<()> {
-        let data = data.filter(|d| !is_zero(d));
+    /// Puts a block into the write-back buffer (`partial`: written only in part, see
+    /// [`Partial`]).
+    fn set_block(
+        &self,
+        st: &mut InodeState,
+        idx: u64,
+        data: Option<Arc<[u8]>>,
+        partial: Option<Arc<Partial>>,
+    ) -> Result<()> {
+        let data = data.filter(|d| partial.is_some() || !is_zero(d));
         let len = data.as_ref().map(|d| d.len()).unwrap_or(0);
         let was_data = match st.dirty.get(&idx) {
             Some(d) => {
@@ -248,6 +274,7 @@ impl Datastore {
         self.dirty_total.fetch_add(len as i64, Ordering::Relaxed);
         let dirty = Dirty {
             data,
+            partial,
             was_data,
             hash: Arc::default(),
             queued: false,
@@ -264,7 +291,11 @@ impl Datastore {
             .filter(|d| !d.queued)
             .filter_map(|d| {
                 d.queued = true;
-                d.data.clone().map(|data| (data, d.hash.clone()))
+                d.data.clone().map(|data| prestore::Item {
+                    data,
+                    hash: d.hash.clone(),
+                    partial: d.partial.clone(),
+                })
             })
             .collect();
         st.unqueued_bytes = 0;
@@ -284,7 +315,44 @@ impl Datastore {
         let bs = self.block_size() as usize;
         if off == 0 && len == bs {
             let data = buf.map(Arc::<[u8]>::from);
-            return self.set_block(st, idx, data);
+            return self.set_block(st, idx, data, None);
+        }
+        // Over committed data not read yet: keep only the written bytes (see Partial).
+        let base = match st.dirty.get(&idx) {
+            Some(d) => d
+                .unmerged()
+                .map(|p| (p.base, p.ranges.clone(), d.data.clone())),
+            None => self
+                .maps
+                .lookup(st.inode.map, idx)?
+                .map(|id| (id, Vec::new(), None)),
+        };
+        if let Some((base, ranges, data)) = base {
+            let ranges = Partial::with_range(&ranges, off, off + len);
+            if ranges.len() <= PARTIAL_RANGES_MAX {
+                let mut block = match data {
+                    Some(d) => d.to_vec(),
+                    None => vec![0u8; bs],
+                };
+                match buf {
+                    Some(b) => block[off..off + len].copy_from_slice(b),
+                    None => block[off..off + len].fill(0),
+                }
+                if ranges == [(0, bs)] {
+                    return self.set_block(st, idx, Some(block.into()), None);
+                }
+                // Only bytes that are not all zeros: then the merged block is not all
+                // zeros either, so it is data (block counts stay exact before the
+                // merge). Zeroing part of a block reads it now.
+                if ranges.iter().any(|&(a, b)| !is_zero(&block[a..b])) {
+                    let partial = Partial {
+                        base,
+                        ranges,
+                        merged: Default::default(),
+                    };
+                    return self.set_block(st, idx, Some(block.into()), Some(Arc::new(partial)));
+                }
+            }
         }
         let old = self.block(st, idx)?;
         if old.is_none() && buf.is_none() {
@@ -298,7 +366,7 @@ impl Datastore {
             Some(b) => block[off..off + len].copy_from_slice(b),
             None => block[off..off + len].fill(0),
         }
-        self.set_block(st, idx, Some(block.into()))
+        self.set_block(st, idx, Some(block.into()), None)
     }
 
     /// Reads up to `size` bytes at `offset`.
@@ -343,23 +411,27 @@ impl Datastore {
                 Ok(())
             })?;
         let mut out = vec![0u8; (end - offset) as usize];
-        let mut copy = |idx: u64, data: &[u8]| {
+        // Copies bytes [a, b) of block `idx` that fall in the requested range.
+        let mut copy_part = |idx: u64, data: &[u8], a: u64, b: u64| {
             let b_start = idx * bs;
-            let from = offset.max(b_start);
-            let to = end.min(b_start + bs);
-            let src_off = (from - b_start) as usize;
-            out[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&data[src_off..src_off + (to - from) as usize]);
+            let from = offset.max(b_start + a);
+            let to = end.min(b_start + b);
+            if from < to {
+                let src_off = (from - b_start) as usize;
+                out[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[src_off..src_off + (to - from) as usize]);
+            }
         };
-        // Committed blocks not shadowed by the write-back buffer, read in pack runs.
+        // Committed blocks not shadowed by the write-back buffer (or under a partly
+        // written one not merged yet), read in pack runs.
         let stored: Vec<(u64, ChunkId)> = chunks
             .into_iter()
-            .filter(|(idx, _)| !st.dirty.contains_key(idx))
+            .filter(|(idx, _)| st.dirty.get(idx).is_none_or(|d| d.unmerged().is_some()))
             .collect();
         let ids: Vec<ChunkId> = stored.iter().map(|(_, id)| *id).collect();
         self.chunks
             .get_many(&ids, &mut |i, data| {
-                copy(stored[i].0, data);
+                copy_part(stored[i].0, data, 0, bs);
                 Ok(())
             })
             .map_err(|e| {
@@ -374,8 +446,18 @@ impl Datastore {
                 self.name_damage(st.inode.ino, idx, e)
             })?;
         for (idx, d) in st.dirty.range(first..=last) {
-            if let Some(data) = &d.data {
-                copy(*idx, data);
+            match (d.unmerged(), &d.data) {
+                // Only the written bytes, over the committed block read above.
+                (Some(p), Some(data)) => {
+                    for &(a, b) in &p.ranges {
+                        copy_part(*idx, data, a as u64, b as u64);
+                    }
+                }
+                _ => {
+                    if let Some(data) = d.content() {
+                        copy_part(*idx, data, 0, bs);
+                    }
+                }
             }
         }
         Ok(out)
@@ -741,6 +823,86 @@ use super::Attr;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_ranges_merge() {
+        let r = Partial::with_range(&[], 10, 20);
+        assert_eq!(r, [(10, 20)]);
+        let r = Partial::with_range(&r, 30, 40);
+        assert_eq!(r, [(10, 20), (30, 40)]);
+        // Adjacent and overlapping ranges join.
+        assert_eq!(Partial::with_range(&r, 20, 30), [(10, 40)]);
+        assert_eq!(Partial::with_range(&r, 0, 12), [(0, 20), (30, 40)]);
+        assert_eq!(Partial::with_range(&r, 5, 50), [(5, 50)]);
+        assert_eq!(
+            Partial::with_range(&r, 45, 50),
+            [(10, 20), (30, 40), (45, 50)]
+        );
+    }
+
+    /// Partial writes over committed blocks, read before and after the flush, with
+    /// zeroing writes and truncation in between, against a plain model.
+    #[test]
+    fn partial_blocks_read_back_before_and_after_the_flush() {
+        use crate::fs::namespace::Creator;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s");
+        Datastore::mkfs(&store, 16384).unwrap();
+        let opts = crate::fs::OpenOptions {
+            no_background: true,
+            ..Default::default()
+        };
+        let ds = Datastore::open(&store, &opts).unwrap();
+        let who = Creator { uid: 0, gid: 0 };
+        let f = ds.create(InodeNo::ROOT, b"img", 0o644, who).unwrap().ino;
+        let mut model: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8 + 1).collect();
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        let check = |model: &[u8], what: &str| {
+            let got = ds.read(f, 0, model.len() as u32 + 100).unwrap();
+            assert!(got == model, "{what}");
+        };
+        let mut x = 7u64;
+        for step in 0..300 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % 190_000) as usize;
+            let len = 1 + (x >> 20) as usize % 5000;
+            let byte = if step % 7 == 0 {
+                0
+            } else {
+                (x >> 40) as u8 | 1
+            };
+            ds.write(f, off as u64, &vec![byte; len]).unwrap();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].fill(byte);
+            if step % 5 == 0 {
+                check(&model, &format!("step {step}, before the flush"));
+            }
+            if step % 50 == 49 {
+                ds.flush(f).unwrap();
+                check(&model, &format!("step {step}, after the flush"));
+            }
+            if step == 150 {
+                let size = 150_001;
+                let set = crate::fs::SetAttr {
+                    size: Some(size as u64),
+                    ..Default::default()
+                };
+                ds.setattr(f, &set).unwrap();
+                model.truncate(size);
+                check(&model, "after truncate");
+            }
+        }
+        ds.fsync(f).unwrap();
+        drop(ds);
+        let ds = Datastore::open(&store, &opts).unwrap();
+        let got = ds.read(f, 0, model.len() as u32 + 100).unwrap();
+        assert!(got == model, "after reopen");
+    }
 
     #[test]
     fn zero_detection() {

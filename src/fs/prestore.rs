@@ -30,8 +30,13 @@ pub(super) const PRESTORE_BATCH: usize = 8 << 20;
 /// Jobs waiting at most; when full, writers do not wait (the flush does the work).
 const QUEUE: usize = 8;
 
-/// A block's content and the cell its hash goes into.
-pub(super) type Item = (Arc<[u8]>, Arc<OnceLock<ChunkId>>);
+/// A dirty block: its data, the cell its hash goes into, and for a partly written block
+/// what its committed content is (read and merged here first).
+pub(super) struct Item {
+    pub data: Arc<[u8]>,
+    pub hash: Arc<OnceLock<ChunkId>>,
+    pub partial: Option<Arc<super::Partial>>,
+}
 
 /// The queue of pre-store jobs and its workers.
 pub(super) struct Prestore {
@@ -105,9 +110,40 @@ fn work(ds: Weak<Datastore>, rx: Arc<Mutex<Receiver<Vec<Item>>>>, stopped: Arc<A
             return;
         }
         let Some(ds) = ds.upgrade() else { return };
+        // Partly written blocks: read their committed content (in one batched read) and
+        // merge; one whose base cannot be read is left to the flush.
+        let unmerged: Vec<&Item> = job
+            .iter()
+            .filter(|it| {
+                it.partial
+                    .as_ref()
+                    .is_some_and(|p| p.merged.get().is_none())
+            })
+            .collect();
+        if !unmerged.is_empty() {
+            let ids: Vec<ChunkId> = unmerged
+                .iter()
+                .filter_map(|it| it.partial.as_ref().map(|p| p.base))
+                .collect();
+            let merged = ds.chunks.get_many(&ids, &mut |i, base| {
+                if let Some(p) = &unmerged[i].partial {
+                    p.merge(&unmerged[i].data, base);
+                }
+                Ok(())
+            });
+            if let Err(e) = merged {
+                tracing::debug!("pre-store: reading partly written blocks: {e}");
+            }
+        }
         let chunks: Vec<(ChunkId, &[u8])> = job
             .iter()
-            .map(|(data, cell)| (*cell.get_or_init(|| ChunkId::of(data)), &data[..]))
+            .filter_map(|it| {
+                let data = match &it.partial {
+                    Some(p) => p.merged.get()?,
+                    None => &it.data,
+                };
+                Some((*it.hash.get_or_init(|| ChunkId::of(data)), &data[..]))
+            })
             .collect();
         if let Err(e) = ds.chunks.put_many(&chunks) {
             // The flush stores what is missing and reports the error to the writer.
