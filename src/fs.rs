@@ -692,3 +692,41 @@ impl Datastore {
         })
     }
 }
+
+/// Helpers for the unit tests of the datastore's modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::namespace::Creator;
+    use super::{Datastore, OpenOptions};
+    use crate::ids::InodeNo;
+
+    pub const WHO: Creator = Creator { uid: 0, gid: 0 };
+
+    /// Open options without background threads (tests drive every flush).
+    pub fn opts() -> OpenOptions {
+        OpenOptions {
+            no_background: true,
+            ..Default::default()
+        }
+    }
+
+    /// A fresh store of `block_size` in a temp dir, opened, with one empty regular file
+    /// `name` at the root.
+    pub fn store_with_file(
+        block_size: u32,
+        name: &str,
+    ) -> (tempfile::TempDir, PathBuf, Arc<Datastore>, InodeNo) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s");
+        Datastore::mkfs(&store, block_size).unwrap();
+        let ds = Datastore::open(&store, &opts()).unwrap();
+        let f = ds
+            .create(InodeNo::ROOT, name.as_bytes(), 0o644, WHO)
+            .unwrap()
+            .ino;
+        (dir, store, ds, f)
+    }
+}

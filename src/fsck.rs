@@ -475,17 +475,8 @@ fn rebuild_index(ds: &Datastore, mut targets: HashSet<ChunkId>) -> Result<Repair
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::namespace::Creator;
+    use crate::fs::testing::{opts, WHO};
     use crate::FsError;
-
-    const WHO: Creator = Creator { uid: 0, gid: 0 };
-
-    fn opts() -> OpenOptions {
-        OpenOptions {
-            no_background: true,
-            ..Default::default()
-        }
-    }
 
     /// A store with one directory, two files sharing a block, and a deleted file.
     fn store() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {

@@ -844,17 +844,7 @@ mod tests {
     /// zeroing writes and truncation in between, against a plain model.
     #[test]
     fn partial_blocks_read_back_before_and_after_the_flush() {
-        use crate::fs::namespace::Creator;
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s");
-        Datastore::mkfs(&store, 16384).unwrap();
-        let opts = crate::fs::OpenOptions {
-            no_background: true,
-            ..Default::default()
-        };
-        let ds = Datastore::open(&store, &opts).unwrap();
-        let who = Creator { uid: 0, gid: 0 };
-        let f = ds.create(InodeNo::ROOT, b"img", 0o644, who).unwrap().ino;
+        let (_dir, store, ds, f) = crate::fs::testing::store_with_file(16384, "img");
         let mut model: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8 + 1).collect();
         ds.write(f, 0, &model).unwrap();
         ds.fsync(f).unwrap();
@@ -899,7 +889,7 @@ mod tests {
         }
         ds.fsync(f).unwrap();
         drop(ds);
-        let ds = Datastore::open(&store, &opts).unwrap();
+        let ds = Datastore::open(&store, &crate::fs::testing::opts()).unwrap();
         let got = ds.read(f, 0, model.len() as u32 + 100).unwrap();
         assert!(got == model, "after reopen");
     }

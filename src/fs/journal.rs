@@ -173,18 +173,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::fs::namespace::Creator;
-    use crate::fs::{OpenOptions, SetAttr};
+    use crate::fs::testing::{opts, store_with_file};
+    use crate::fs::SetAttr;
     use crate::ids::InodeNo;
-
-    const WHO: Creator = Creator { uid: 0, gid: 0 };
-
-    fn opts() -> OpenOptions {
-        OpenOptions {
-            no_background: true,
-            ..Default::default()
-        }
-    }
 
     /// Copies a directory tree as its files are now.
     fn crash_copy(from: &Path, to: &Path) {
@@ -213,14 +204,7 @@ mod tests {
 
     #[test]
     fn fsynced_writes_come_back_from_the_log_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s");
-        Datastore::mkfs(&store, 4096).unwrap();
-        let ds = Datastore::open(&store, &opts()).unwrap();
-        let f = ds
-            .create(InodeNo::ROOT, b"disk.img", 0o644, WHO)
-            .unwrap()
-            .ino;
+        let (dir, store, ds, f) = store_with_file(4096, "disk.img");
         ds.fsync(f).unwrap(); // the create is unlogged: a full barrier
         assert!(ds.meta.unlogged_durable(f));
         // What a power cut leaves: the metadata as of the last barrier (sled writes
@@ -260,11 +244,7 @@ mod tests {
 
     #[test]
     fn a_record_is_not_replayed_over_a_later_durable_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s");
-        Datastore::mkfs(&store, 4096).unwrap();
-        let ds = Datastore::open(&store, &opts()).unwrap();
-        let f = ds.create(InodeNo::ROOT, b"a", 0o644, WHO).unwrap().ino;
+        let (dir, store, ds, f) = store_with_file(4096, "a");
         ds.fsync(f).unwrap();
         ds.write(f, 0, &bytes(1, 20_000)).unwrap();
         ds.fsync(f).unwrap(); // logged, after the checkpoint
@@ -286,11 +266,7 @@ mod tests {
 
     #[test]
     fn a_rollback_breaks_the_version_chain() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s");
-        Datastore::mkfs(&store, 4096).unwrap();
-        let ds = Datastore::open(&store, &opts()).unwrap();
-        let f = ds.create(InodeNo::ROOT, b"a", 0o644, WHO).unwrap().ino;
+        let (_dir, _store, ds, f) = store_with_file(4096, "a");
         ds.write(f, 0, &bytes(4, 10_000)).unwrap();
         ds.fsync(f).unwrap();
         ds.snapshot_create("s1").unwrap();
@@ -306,11 +282,7 @@ mod tests {
 
     #[test]
     fn an_fsync_after_an_unlogged_change_is_a_full_barrier() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s");
-        Datastore::mkfs(&store, 4096).unwrap();
-        let ds = Datastore::open(&store, &opts()).unwrap();
-        let f = ds.create(InodeNo::ROOT, b"a", 0o644, WHO).unwrap().ino;
+        let (dir, store, ds, f) = store_with_file(4096, "a");
         ds.write(f, 0, &bytes(2, 50_000)).unwrap();
         ds.fsync(f).unwrap();
         // Punch a hole (unlogged), then write elsewhere and fsync.
