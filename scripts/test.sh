@@ -16,9 +16,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests need, with one command each that proves it is installed.
-PACKAGES=(fuse3 rsync attr xfsprogs e2fsprogs qemu-utils)
+PACKAGES=(fuse3 rsync attr xfsprogs e2fsprogs mount qemu-utils)
 need_apt=0
-for cmd in fusermount3 mount.fuse3 rsync getfattr setfattr mkfs.xfs mkfs.ext4 qemu-img; do
+for cmd in fusermount3 mount.fuse3 rsync getfattr setfattr mkfs.xfs mkfs.ext4 losetup qemu-img; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         need_apt=1
     fi
