@@ -110,7 +110,13 @@ impl Datastore {
             return Ok(());
         }
         let _gate = self.gc_gate.read();
-        let changes = self.store_blocks(&st.dirty)?;
+        let changes = match self.store_blocks(&st.dirty) {
+            Ok(c) => c,
+            Err(e) => {
+                self.drop_unmergeable(st, &e);
+                return Err(e);
+            }
+        };
         let mut batch = Batch::default();
         let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
         let old_root = st.inode.map;
@@ -149,6 +155,43 @@ impl Datastore {
             }
         }
         Ok(())
+    }
+
+    /// After a flush failed on a damaged chunk: drops the partly written blocks over it.
+    /// Their writes cannot be merged with the rest of the block; the failed flush (an
+    /// fsync or close that returns EIO) reports them lost, and the file's other blocks
+    /// flush next time instead of failing with them forever. Reads of the block give EIO,
+    /// as before the write.
+    fn drop_unmergeable(&self, st: &mut InodeState, e: &FsError) {
+        let FsError::Corrupt { chunk, .. } = e else {
+            return;
+        };
+        let bad: Vec<u64> = st
+            .dirty
+            .iter()
+            .filter(|(_, d)| d.unmerged().is_some_and(|p| p.base == *chunk))
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in bad {
+            tracing::error!(
+                "inode {} offset {}: a write into part of this block is lost: the rest of the block (chunk {chunk}) is damaged",
+                st.inode.ino,
+                idx * self.block_size()
+            );
+            self.forget_dirty(st, idx);
+        }
+    }
+
+    /// Removes block `idx` from the write-back buffer.
+    fn forget_dirty(&self, st: &mut InodeState, idx: u64) {
+        if let Some(d) = st.dirty.remove(&idx) {
+            let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
+            st.dirty_bytes -= len;
+            if !d.queued {
+                st.unqueued_bytes = st.unqueued_bytes.saturating_sub(len);
+            }
+            self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
+        }
     }
 
     /// Hashes (unless a pre-store worker did) and stores the dirty blocks; returns the
@@ -551,11 +594,7 @@ impl Datastore {
     ) -> Result<()> {
         let gone: Vec<u64> = st.dirty.range(start..end).map(|(k, _)| *k).collect();
         for idx in gone {
-            if let Some(d) = st.dirty.remove(&idx) {
-                let len = d.data.as_ref().map(|d| d.len()).unwrap_or(0);
-                st.dirty_bytes -= len;
-                self.dirty_total.fetch_sub(len as i64, Ordering::Relaxed);
-            }
+            self.forget_dirty(st, idx);
         }
         st.inode.map = self.maps.clear_range(st.inode.map, start, end, batch)?;
         Ok(())
@@ -892,6 +931,80 @@ mod tests {
         let ds = Datastore::open(&store, &crate::fs::testing::opts()).unwrap();
         let got = ds.read(f, 0, model.len() as u32 + 100).unwrap();
         assert!(got == model, "after reopen");
+    }
+
+    #[test]
+    fn a_write_over_a_damaged_block_fails_one_flush_not_every_flush() {
+        let (_dir, store, ds, f) = crate::fs::testing::store_with_file(16384, "img");
+        let bs = 16384u64;
+        let data: Vec<u8> = (0..3 * bs as usize).map(|i| (i % 251) as u8 + 1).collect();
+        ds.write(f, 0, &data).unwrap();
+        ds.fsync(f).unwrap();
+        // Damage block 1's chunk in its pack.
+        let root = ds.inode(f).unwrap().map;
+        let id = ds.maps.lookup(root, 1).unwrap().unwrap();
+        let loc = ds.meta.chunk_loc(&id).unwrap().unwrap();
+        let pack = crate::chunk::pack::pack_path(&store.join("packs"), loc.pack);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[loc.offset as usize + 7] ^= 0xff;
+        std::fs::write(&pack, &bytes).unwrap();
+        // Partial writes into the damaged block and a healthy one are accepted...
+        ds.write(f, bs + 100, &[9u8; 50]).unwrap();
+        ds.write(f, 2 * bs + 10, &[7u8; 20]).unwrap();
+        // ...the flush that must read the damaged block fails and names it...
+        assert!(matches!(ds.fsync(f), Err(FsError::Corrupt { .. })));
+        // ...and the next one flushes the rest.
+        ds.fsync(f).unwrap();
+        let mut want = data[2 * bs as usize..].to_vec();
+        want[10..30].fill(7);
+        assert_eq!(ds.read(f, 2 * bs, bs as u32).unwrap(), want);
+        assert!(ds.read(f, bs, bs as u32).is_err());
+        assert_eq!(ds.read(f, 0, bs as u32).unwrap(), data[..bs as usize]);
+    }
+
+    /// The same with the pre-store workers on (they merge partly written blocks while
+    /// this thread writes and reads them), and one block written in more separate
+    /// pieces than a partial block keeps.
+    #[test]
+    fn partial_blocks_with_pre_store_workers_and_many_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s");
+        Datastore::mkfs(&store, 16384).unwrap();
+        let ds = Datastore::open(&store, &crate::fs::OpenOptions::default()).unwrap();
+        let who = crate::fs::testing::WHO;
+        let f = ds.create(InodeNo::ROOT, b"img", 0o644, who).unwrap().ino;
+        let size = 32usize << 20;
+        let mut model: Vec<u8> = (0..size).map(|i| (i % 249) as u8 + 1).collect();
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        // 41 pieces of 10 bytes, 20 bytes apart, in block 3.
+        for k in 0..41 {
+            let off = 3 * 16384 + 100 + k * 30;
+            ds.write(f, off as u64, &[0xAB; 10]).unwrap();
+            model[off..off + 10].fill(0xAB);
+        }
+        let mut x = 99u64;
+        for step in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (size as u64 - 4000)) as usize;
+            let len = 100 + (x >> 24) as usize % 3000;
+            let byte = (x >> 48) as u8 | 1;
+            ds.write(f, off as u64, &vec![byte; len]).unwrap();
+            model[off..off + len].fill(byte);
+            if step % 16 == 0 {
+                let roff = (x >> 8) as usize % (size - 70_000);
+                let got = ds.read(f, roff as u64, 65_536).unwrap();
+                assert!(got == model[roff..roff + 65_536], "step {step}");
+            }
+        }
+        ds.fsync(f).unwrap();
+        assert!(ds.read(f, 0, size as u32).unwrap() == model, "after fsync");
+        ds.shutdown().unwrap();
+        drop(ds);
+        let ds = Datastore::open(&store, &crate::fs::testing::opts()).unwrap();
+        assert!(ds.read(f, 0, size as u32).unwrap() == model, "after reopen");
     }
 
     #[test]
