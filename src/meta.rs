@@ -49,7 +49,7 @@ pub struct Meta {
     /// GC support: inode versions dropped while a collection marks (see [`Dropped`]).
     dropped: Dropped,
     /// Versions of regular files, for the intent log (see [`FileVersions`]).
-    pub(crate) versions: FileVersions,
+    versions: FileVersions,
 }
 
 /// Versions of regular files' live records, for the intent log (`fs/journal.rs`).
@@ -61,11 +61,11 @@ pub struct Meta {
 /// to the base it was made from, never twice, and never over a later change. Any other
 /// write of the record ("unlogged": truncate, punch, rename, clone...) breaks the chain,
 /// so an fsync after one needs a full barrier, until a metadata flush has covered it.
-pub(crate) struct FileVersions {
+struct FileVersions {
     /// This open's generation in the high bits: versions never repeat across opens.
     next: AtomicU64,
     /// Metadata flushes started and the highest finished.
-    pub(crate) flushes_started: AtomicU64,
+    flushes_started: AtomicU64,
     flushes_done: AtomicU64,
     /// Files with an unlogged write committed, and `flushes_started` at that moment: it
     /// is durable once a flush numbered higher has finished.
@@ -288,8 +288,28 @@ impl Meta {
     /// Treats `ino`'s current record as written without the log (its log record could
     /// not be appended).
     pub fn mark_unlogged(&self, ino: InodeNo) {
-        let at = self.versions.flushes_started.load(Ordering::SeqCst);
-        self.versions.unlogged.lock().insert(ino, at);
+        self.note_unlogged(vec![ino]);
+    }
+
+    /// Metadata flushes started so far (tests: "this made nothing durable").
+    #[cfg(test)]
+    pub(crate) fn flushes_started(&self) -> u64 {
+        self.versions.flushes_started.load(Ordering::SeqCst)
+    }
+
+    /// Adds to `batch` a fresh version of `ino` that no log record names (or its removal
+    /// when the record is deleted), and lists `ino` as written without the log: see
+    /// [`FileVersions`].
+    fn unlogged_write(&self, batch: &mut Batch, ino: InodeNo, exists: bool) {
+        if exists {
+            batch.insert(
+                keys::version(ino),
+                self.new_version().to_be_bytes().to_vec(),
+            );
+        } else {
+            batch.remove(keys::version(ino));
+        }
+        batch.unlogged.push(ino);
     }
 
     /// A new file version (see [`FileVersions`]).
@@ -499,9 +519,7 @@ impl Meta {
     /// that no intent-log record names: see [`FileVersions`]).
     pub fn put_inode(&self, batch: &mut Batch, inode: &Inode) -> Result<()> {
         if inode.kind == FileKind::File {
-            let version = self.new_version();
-            batch.insert(keys::version(inode.ino), version.to_be_bytes().to_vec());
-            batch.unlogged.push(inode.ino);
+            self.unlogged_write(batch, inode.ino, true);
         }
         self.put_inode_record(batch, inode)
     }
@@ -523,8 +541,7 @@ impl Meta {
 
     /// Adds the deletion of an inode record to `batch`.
     pub fn delete_inode(&self, batch: &mut Batch, ino: InodeNo) -> Result<()> {
-        batch.remove(keys::version(ino));
-        batch.unlogged.push(ino);
+        self.unlogged_write(batch, ino, false);
         self.put_versioned(batch, &keys::inode_prefix(ino), None)
     }
 
@@ -982,16 +999,8 @@ impl Meta {
                 if then != nowv {
                     if tag == keys::INODE {
                         // Not through the intent log: a new version breaks the chain of
-                        // the file's log records (see FileVersions).
-                        let ino = keys::inode_of(&k);
-                        match then {
-                            Some(_) => batch.insert(
-                                keys::version(ino),
-                                self.new_version().to_be_bytes().to_vec(),
-                            ),
-                            None => batch.remove(keys::version(ino)),
-                        }
-                        batch.unlogged.push(ino);
+                        // the file's log records.
+                        self.unlogged_write(batch, keys::inode_of(&k), then.is_some());
                     }
                     self.put_versioned(batch, &prefix, then.map(|v| v.to_vec()))?;
                 }

@@ -138,47 +138,41 @@ impl ActivePack {
             offsets.push(at + HEADER_LEN);
             at += HEADER_LEN + data.len() as u64;
         }
-        if let Err(e) = write_all_vectored_at(&self.file, &parts, self.len) {
+        let first = records
+            .first()
+            .map(|(id, _)| id.to_string())
+            .unwrap_or_default();
+        self.append_parts(&parts, || format!("{} chunks ({first}...)", records.len()))?;
+        debug_assert_eq!(self.len, at);
+        Ok(offsets)
+    }
+
+    /// Appends an intent-log record; returns the offset of its payload. On failure the
+    /// pack is cut back (no torn record is left).
+    pub fn append_log(&mut self, payload: &[u8]) -> Result<u64> {
+        let h = header_with(LOG_MAGIC, &ChunkId::of(payload), payload.len() as u32);
+        self.append_parts(&[&h, payload], || "a log record".to_string())?;
+        Ok(self.len - payload.len() as u64)
+    }
+
+    /// Writes `parts` back to back at the end; on failure cuts the pack back to its
+    /// previous length, so no torn record is left (`what` names them in the error).
+    fn append_parts(&mut self, parts: &[&[u8]], what: impl FnOnce() -> String) -> Result<()> {
+        if let Err(e) = write_all_vectored_at(&self.file, parts, self.len) {
             let _ = self.file.set_len(self.len);
             self.zeroed_to = self.len;
-            let first = records
-                .first()
-                .map(|(id, _)| id.to_string())
-                .unwrap_or_default();
             return Err(FsError::io(
                 format!(
-                    "appending {} chunks ({first}...) to pack {} at offset {}",
-                    records.len(),
+                    "appending {} to pack {} at offset {}",
+                    what(),
                     self.id,
                     self.len
                 ),
                 e,
             ));
         }
-        self.len = at;
-        Ok(offsets)
-    }
-}
-
-impl ActivePack {
-    /// Appends an intent-log record; returns the offset of its payload. On failure the
-    /// pack is cut back (no torn record is left).
-    pub fn append_log(&mut self, payload: &[u8]) -> Result<u64> {
-        let h = header_with(LOG_MAGIC, &ChunkId::of(payload), payload.len() as u32);
-        if let Err(e) = write_all_vectored_at(&self.file, &[&h, payload], self.len) {
-            let _ = self.file.set_len(self.len);
-            self.zeroed_to = self.len;
-            return Err(FsError::io(
-                format!(
-                    "appending a log record to pack {} at offset {}",
-                    self.id, self.len
-                ),
-                e,
-            ));
-        }
-        let at = self.len + HEADER_LEN;
-        self.len = at + payload.len() as u64;
-        Ok(at)
+        self.len += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(())
     }
 }
 

@@ -33,6 +33,20 @@ const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
 const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
 
+/// A copy of `old` (zeros if `None`, `bs` bytes) with `[off, off + len)` overwritten by
+/// `buf` (zeros if `None`).
+fn patched(old: Option<&[u8]>, bs: usize, off: usize, buf: Option<&[u8]>, len: usize) -> Vec<u8> {
+    let mut block = match old {
+        Some(b) => b.to_vec(),
+        None => vec![0u8; bs],
+    };
+    match buf {
+        Some(b) => block[off..off + len].copy_from_slice(b),
+        None => block[off..off + len].fill(0),
+    }
+    block
+}
+
 fn is_zero(data: &[u8]) -> bool {
     let (pre, mid, post) = unsafe { data.align_to::<u128>() };
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
@@ -245,8 +259,18 @@ impl Datastore {
     /// Reads the committed content under the partly written blocks among `dirty` that
     /// are not merged yet, and merges them (one batched read).
     fn merge_partials<'a>(&self, dirty: impl Iterator<Item = &'a Dirty>) -> Result<()> {
-        let pending: Vec<(&Arc<Partial>, &Arc<[u8]>)> = dirty
-            .filter_map(|d| Some((d.unmerged()?, d.data.as_ref()?)))
+        let pending: Vec<(&Partial, &[u8])> = dirty
+            .filter_map(|d| Some((&**d.partial.as_ref()?, d.data.as_deref()?)))
+            .collect();
+        self.merge(&pending)
+    }
+
+    /// Reads the committed blocks under partly written ones (`(partial, written data)`,
+    /// merged or not) in one batched read, and merges each.
+    pub(super) fn merge(&self, pending: &[(&Partial, &[u8])]) -> Result<()> {
+        let pending: Vec<&(&Partial, &[u8])> = pending
+            .iter()
+            .filter(|(p, _)| p.merged.get().is_none())
             .collect();
         if pending.is_empty() {
             return Ok(());
@@ -310,7 +334,8 @@ impl Datastore {
                 self.dirty_total.fetch_sub(old as i64, Ordering::Relaxed);
                 d.was_data
             }
-            None => self.maps.lookup(st.inode.map, idx)?.is_some(),
+            // A partly written block lies over committed data (patch_block looked).
+            None => partial.is_some() || self.maps.lookup(st.inode.map, idx)?.is_some(),
         };
         st.dirty_bytes += len;
         st.unqueued_bytes += len;
@@ -373,14 +398,7 @@ impl Datastore {
         if let Some((base, ranges, data)) = base {
             let ranges = Partial::with_range(&ranges, off, off + len);
             if ranges.len() <= PARTIAL_RANGES_MAX {
-                let mut block = match data {
-                    Some(d) => d.to_vec(),
-                    None => vec![0u8; bs],
-                };
-                match buf {
-                    Some(b) => block[off..off + len].copy_from_slice(b),
-                    None => block[off..off + len].fill(0),
-                }
+                let block = patched(data.as_deref(), bs, off, buf, len);
                 if ranges == [(0, bs)] {
                     return self.set_block(st, idx, Some(block.into()), None);
                 }
@@ -401,14 +419,7 @@ impl Datastore {
         if old.is_none() && buf.is_none() {
             return Ok(()); // zeroing a hole
         }
-        let mut block = match old {
-            Some(b) => b.to_vec(),
-            None => vec![0u8; bs],
-        };
-        match buf {
-            Some(b) => block[off..off + len].copy_from_slice(b),
-            None => block[off..off + len].fill(0),
-        }
+        let block = patched(old.as_deref(), bs, off, buf, len);
         self.set_block(st, idx, Some(block.into()), None)
     }
 

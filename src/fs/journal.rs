@@ -170,8 +170,6 @@ impl Datastore {
 mod tests {
     use std::path::Path;
 
-    use std::sync::atomic::Ordering;
-
     use super::*;
     use crate::fs::testing::{opts, store_with_file};
     use crate::fs::SetAttr;
@@ -212,7 +210,7 @@ mod tests {
         // the packs as fsync left them.
         let copy = dir.path().join("copy");
         crash_copy(&store.join("meta"), &copy.join("meta"));
-        let flushes = ds.meta.versions.flushes_started.load(Ordering::SeqCst);
+        let flushes = ds.meta.flushes_started();
         let mut model = vec![0u8; 0];
         for round in 0..20u8 {
             let off = (round as usize * 5000) % 60_000;
@@ -224,7 +222,7 @@ mod tests {
             model[off..off + data.len()].copy_from_slice(&data);
             ds.fsync(f).unwrap();
         }
-        let flushed = ds.meta.versions.flushes_started.load(Ordering::SeqCst);
+        let flushed = ds.meta.flushes_started();
         assert_eq!(flushed, flushes, "the fsyncs flushed no metadata");
         crash_copy(&store.join("packs"), &copy.join("packs"));
         std::fs::copy(

@@ -112,28 +112,12 @@ fn work(ds: Weak<Datastore>, rx: Arc<Mutex<Receiver<Vec<Item>>>>, stopped: Arc<A
         let Some(ds) = ds.upgrade() else { return };
         // Partly written blocks: read their committed content (in one batched read) and
         // merge; one whose base cannot be read is left to the flush.
-        let unmerged: Vec<&Item> = job
+        let partial: Vec<(&super::Partial, &[u8])> = job
             .iter()
-            .filter(|it| {
-                it.partial
-                    .as_ref()
-                    .is_some_and(|p| p.merged.get().is_none())
-            })
+            .filter_map(|it| Some((&**it.partial.as_ref()?, &it.data[..])))
             .collect();
-        if !unmerged.is_empty() {
-            let ids: Vec<ChunkId> = unmerged
-                .iter()
-                .filter_map(|it| it.partial.as_ref().map(|p| p.base))
-                .collect();
-            let merged = ds.chunks.get_many(&ids, &mut |i, base| {
-                if let Some(p) = &unmerged[i].partial {
-                    p.merge(&unmerged[i].data, base);
-                }
-                Ok(())
-            });
-            if let Err(e) = merged {
-                tracing::debug!("pre-store: reading partly written blocks: {e}");
-            }
+        if let Err(e) = ds.merge(&partial) {
+            tracing::debug!("pre-store: reading partly written blocks: {e}");
         }
         let chunks: Vec<(ChunkId, &[u8])> = job
             .iter()
