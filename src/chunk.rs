@@ -442,14 +442,14 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Appends an intent-log record (`fs/journal.rs`) to the active pack; it is durable
-    /// after the next [`ChunkStore::sync`].
-    pub(crate) fn append_log(&self, payload: &[u8]) -> Result<()> {
+    /// Appends an intent-log record of `kind` (`fs/journal.rs`) to the active pack; it is
+    /// durable after the next [`ChunkStore::sync`].
+    pub(crate) fn append_log(&self, kind: pack::Kind, payload: &[u8]) -> Result<()> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if active.len >= PACK_TARGET {
             *active = self.new_pack(active.id + 1)?;
         }
-        active.append_log(payload)?;
+        active.append_log(kind, payload)?;
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())

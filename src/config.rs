@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{FsError, Result};
 
-/// The on-disk format this build writes. 3: packs also hold intent-log records.
-pub const FORMAT_VERSION: u32 = 3;
-/// Older formats this build opens (and upgrades at the first read-write open: format 2
-/// is format 3 without log records).
-pub const UPGRADES_FROM: u32 = 2;
+/// The on-disk format this build writes. 3: packs also hold intent-log records; 4: also
+/// log records of written bytes (`TFW1`, which a format-3 build would take for a torn
+/// tail and stop its replay at).
+pub const FORMAT_VERSION: u32 = 4;
+/// Older formats this build opens (and upgrades at the first read-write open: each is
+/// format 4 without some kinds of log record).
+pub const UPGRADES_FROM: [u32; 2] = [2, 3];
 /// Name of the identity file inside a store.
 pub const CONFIG_FILE: &str = "thinfs.toml";
 /// Default logical block size (see the fleet benchmark in scripts/bench.sh).
@@ -91,7 +93,7 @@ impl StoreConfig {
         }
         let version = version
             .ok_or_else(|| FsError::Invalid(format!("{}: no format_version", path.display())))?;
-        if version != FORMAT_VERSION && version != UPGRADES_FROM {
+        if version != FORMAT_VERSION && !UPGRADES_FROM.contains(&version) {
             return Err(FsError::Invalid(format!(
                 "store {} has format version {version}; this thinfs reads version {FORMAT_VERSION}",
                 store.display()
@@ -232,18 +234,17 @@ mod tests {
         .unwrap();
         let err = StoreConfig::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("format version 999"), "{err}");
-        // The format before the intent log still opens.
-        fs::write(
-            StoreConfig::path(dir.path()),
-            text.replace(
-                &format!("format_version = {FORMAT_VERSION}"),
-                &format!("format_version = {UPGRADES_FROM}"),
-            ),
-        )
-        .unwrap();
-        assert_eq!(
-            StoreConfig::load(dir.path()).unwrap().format_version,
-            UPGRADES_FROM
-        );
+        // The formats before the intent log and before write records still open.
+        for old in UPGRADES_FROM {
+            fs::write(
+                StoreConfig::path(dir.path()),
+                text.replace(
+                    &format!("format_version = {FORMAT_VERSION}"),
+                    &format!("format_version = {old}"),
+                ),
+            )
+            .unwrap();
+            assert_eq!(StoreConfig::load(dir.path()).unwrap().format_version, old);
+        }
     }
 }

@@ -87,6 +87,8 @@ struct Dirty {
     hash: Arc<std::sync::OnceLock<ChunkId>>,
     /// Handed to the pre-store workers.
     queued: bool,
+    /// Held by a log record of written bytes (journal.rs).
+    logged: bool,
 }
 
 /// A block written only in part, over committed content that is read later (by a
@@ -262,6 +264,9 @@ pub struct Datastore {
     group_sync: durable::GroupSync,
     /// Workers that hash and store dirty blocks ahead of their flush.
     prestore: prestore::Prestore,
+    /// Files whose dirty data a log record of written bytes holds, with the append
+    /// position before their oldest such record (journal.rs).
+    log_pending: Mutex<std::collections::HashMap<InodeNo, (u32, u64)>>,
 }
 
 impl Datastore {
@@ -330,7 +335,7 @@ impl Datastore {
         snapshot::check_snapshot_name(&String::from_utf8_lossy(&snapdir))?;
         let lock = lock_store(path)?;
         let mut cfg = cfg;
-        if cfg.format_version == crate::config::UPGRADES_FROM {
+        if crate::config::UPGRADES_FROM.contains(&cfg.format_version) {
             // Before anything is written: this build's packs carry log records that an
             // older build would not replay.
             cfg.format_version = crate::config::FORMAT_VERSION;
@@ -364,6 +369,7 @@ impl Datastore {
             stop: Arc::new(AtomicBool::new(false)),
             group_sync: durable::GroupSync::default(),
             prestore: prestore::Prestore::idle(),
+            log_pending: Mutex::default(),
         });
         ds.replay_log()?;
         ds.drop_orphans()?;
@@ -456,12 +462,16 @@ impl Datastore {
         Ok(self.state(ino)?.write_arc())
     }
 
-    /// Write-locks several inodes in ascending order (duplicates collapse).
+    /// Write-locks several inodes in ascending order (duplicates collapse), for a
+    /// namespace change that writes their records: logged writes are flushed first
+    /// (see [`Datastore::settle`]).
     fn lock_many(&self, inos: &[InodeNo]) -> Result<BTreeMap<InodeNo, StateGuard>> {
         let set: std::collections::BTreeSet<InodeNo> = inos.iter().copied().collect();
         let mut out = BTreeMap::new();
         for ino in set {
-            out.insert(ino, self.lock(ino)?);
+            let mut g = self.lock(ino)?;
+            self.settle(&mut g)?;
+            out.insert(ino, g);
         }
         Ok(out)
     }
@@ -505,6 +515,11 @@ impl Datastore {
 
     /// Adds the state's record to `batch` and marks its attributes clean.
     fn put_state(&self, batch: &mut Batch, st: &mut InodeState) -> Result<()> {
+        debug_assert!(
+            !self.log_pending.lock().contains_key(&st.inode.ino),
+            "inode {} has logged writes: settle it before writing its record",
+            st.inode.ino
+        );
         self.meta.put_inode(batch, &st.inode)?;
         st.attr_dirty = false;
         Ok(())
@@ -685,7 +700,7 @@ impl Datastore {
         self.group_sync.sync(|| {
             // Every logged flush before this position is committed: after the metadata
             // flush below it need not be replayed.
-            let (pack, offset) = self.chunks.append_position();
+            let (pack, offset) = self.checkpoint();
             self.chunks.sync()?;
             self.meta.set_log_checkpoint(pack, offset)?;
             self.meta.flush()

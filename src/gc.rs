@@ -492,7 +492,10 @@ fn compact(
             live = live_per_pack(ds, &pack::list_packs(cs.dir())?, |p| p < active)?;
         }
     }
-    live.retain(|p, _| *p < active);
+    // A log record of written bytes whose data is not flushed yet must stay (see
+    // fs/journal.rs); records appended from here on go to the active pack.
+    let keep_from = ds.first_pending_pack().unwrap_or(active).min(active);
+    live.retain(|p, _| *p < keep_from);
     let mut doomed = Vec::new();
     for (p, entries) in live {
         let size = match size_of(p) {

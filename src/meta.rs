@@ -70,6 +70,11 @@ struct FileVersions {
     /// Files with an unlogged write committed, and `flushes_started` at that moment: it
     /// is durable once a flush numbered higher has finished.
     unlogged: parking_lot::Mutex<std::collections::HashMap<InodeNo, u64>>,
+    /// Versions written by a log record of written bytes alone (an fsync that logged a
+    /// file's dirty data without flushing it): not in the metadata until the data is
+    /// flushed, yet the next record of the file chains from them. Versions only grow,
+    /// so a file's current version is the larger of this and the metadata's.
+    logged_only: parking_lot::Mutex<std::collections::HashMap<InodeNo, u64>>,
 }
 
 /// GC support: the "snapshot at the beginning" barrier of a collection's mark phase.
@@ -240,6 +245,7 @@ impl Meta {
                 flushes_started: AtomicU64::new(0),
                 flushes_done: AtomicU64::new(0),
                 unlogged: Default::default(),
+                logged_only: Default::default(),
             },
         };
         // Versions are (open generation << 40) + n: unique across opens (2^40 flushes per
@@ -317,12 +323,27 @@ impl Meta {
         self.versions.next.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// The version of regular file `ino`'s live record (0: none written).
+    /// The current version of regular file `ino` (0: none written): its live record's,
+    /// or a later one that only a log record of written bytes names.
     pub fn file_version(&self, ino: InodeNo) -> Result<u64> {
-        Ok(match self.db.get(keys::version(ino))? {
+        let committed = match self.db.get(keys::version(ino))? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
             _ => 0,
-        })
+        };
+        let logged = self.versions.logged_only.lock().get(&ino).copied();
+        Ok(committed.max(logged.unwrap_or(0)))
+    }
+
+    /// Records that a log record of written bytes made `version` the current version
+    /// of `ino` (its data is still to be flushed).
+    pub fn set_logged_version(&self, ino: InodeNo, version: u64) {
+        self.versions.logged_only.lock().insert(ino, version);
+    }
+
+    /// Forgets `ino`'s logged-only version (its data was flushed or dropped: the
+    /// metadata's version is later).
+    pub fn forget_logged_version(&self, ino: InodeNo) {
+        self.versions.logged_only.lock().remove(&ino);
     }
 
     /// Where the intent log's replay starts: (pack, offset) of the append position when

@@ -20,6 +20,9 @@ pub const MAGIC: &[u8; 4] = b"TFC1";
 /// BLAKE3 hash of its payload in place of a chunk name. Packs carry both, so an fsync
 /// makes a write durable with one `fdatasync` of the pack.
 pub const LOG_MAGIC: &[u8; 4] = b"TFL1";
+/// Magic bytes of an intent-log record of written bytes (an fsync that logs a file's
+/// dirty data itself instead of flushing it: `fs/journal.rs`). Same header.
+pub const WRITE_MAGIC: &[u8; 4] = b"TFW1";
 /// Length of a record header.
 pub const HEADER_LEN: u64 = 40;
 
@@ -147,10 +150,14 @@ impl ActivePack {
         Ok(offsets)
     }
 
-    /// Appends an intent-log record; returns the offset of its payload. On failure the
-    /// pack is cut back (no torn record is left).
-    pub fn append_log(&mut self, payload: &[u8]) -> Result<u64> {
-        let h = header_with(LOG_MAGIC, &ChunkId::of(payload), payload.len() as u32);
+    /// Appends an intent-log record of `kind` (not a chunk); returns the offset of its
+    /// payload. On failure the pack is cut back (no torn record is left).
+    pub fn append_log(&mut self, kind: Kind, payload: &[u8]) -> Result<u64> {
+        let magic = match kind {
+            Kind::Write => WRITE_MAGIC,
+            Kind::Log | Kind::Chunk => LOG_MAGIC,
+        };
+        let h = header_with(magic, &ChunkId::of(payload), payload.len() as u32);
         self.append_parts(&[&h, payload], || "a log record".to_string())?;
         Ok(self.len - payload.len() as u64)
     }
@@ -276,8 +283,10 @@ pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Chunk,
-    /// An intent-log record; its `id` is the hash of its payload.
+    /// An intent-log record of a flush; its `id` is the hash of its payload.
     Log,
+    /// An intent-log record of written bytes; its `id` is the hash of its payload.
+    Write,
 }
 
 /// Reads every well-formed record (chunks and log records) from `from` on, stopping at
@@ -300,6 +309,7 @@ pub fn scan_entries(path: &Path, from: u64) -> Result<(Vec<(Kind, Record)>, u64)
         let kind = match &h[..4] {
             m if m == MAGIC => Kind::Chunk,
             m if m == LOG_MAGIC => Kind::Log,
+            m if m == WRITE_MAGIC => Kind::Write,
             _ => break,
         };
         let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);

@@ -23,14 +23,38 @@
 //! An fsync takes the fast path only if every write of the file's record that did not
 //! go through the log (create, truncate, punch, clone, rename...) is already durable;
 //! otherwise it runs a full barrier.
+//!
+//! # Records of written bytes
+//! An fsync of a file with little dirty data (a guest database's 4 KiB write, an NFS
+//! COMMIT) does not flush it: it appends the bytes written since the file's last record,
+//! as written (for a partly written block only its written ranges), with the file's
+//! attributes and a new version, and syncs the pack. No base block is read, nothing is
+//! hashed, no metadata is written (ZFS's WR_COPIED). The data stays in the write-back
+//! buffer and is flushed as usual later (its flush record chains from that version).
+//! Replay applies such a record like a flush record: only over the version it names,
+//! reading the committed blocks under partly written ones then.
+//!
+//! Until the data is flushed the metadata does not hold it, so:
+//! - a barrier's checkpoint stays at or before the file's oldest such record
+//!   ([`Datastore::checkpoint`]), and GC does not compact packs from there on;
+//! - any write of the file's record outside the log first flushes that data
+//!   ([`Datastore::settle`]): a durable truncate or chmod whose version does not chain
+//!   from the record would otherwise make replay skip it.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
-use super::Datastore;
+use super::{Datastore, InodeState};
 use crate::chunk::pack::Kind;
 use crate::error::Result;
-use crate::ids::ChunkId;
-use crate::meta::{records, Batch, ChunkLoc, Inode, View};
+use crate::ids::{ChunkId, InodeNo};
+use crate::meta::{records, Batch, ChunkLoc, FileKind, Inode, View};
+
+/// An fsync logs the written bytes themselves (instead of flushing) when at most this
+/// many are not logged yet; more is flushed (the data would be written twice).
+pub(super) const LOG_WRITES_MAX: usize = 256 << 10;
 
 /// One logged flush of a regular file.
 #[derive(Serialize, Deserialize)]
@@ -43,6 +67,30 @@ struct LogRecord {
     inode: Inode,
     /// Block index -> new chunk (`None`: a hole).
     changes: Vec<(u64, Option<ChunkId>)>,
+}
+
+/// The bytes written to a regular file since its last log record, logged by an fsync.
+#[derive(Serialize, Deserialize)]
+struct WriteRecord {
+    /// The file version this record follows.
+    prev: u64,
+    /// The version it makes current.
+    version: u64,
+    /// The file's attributes (size, times); its `map` is not used.
+    inode: Inode,
+    /// Block index -> what was written there.
+    blocks: Vec<(u64, Written)>,
+}
+
+/// What a write record holds for one block.
+#[derive(Serialize, Deserialize)]
+enum Written {
+    /// The block became a hole (zeros).
+    Hole,
+    /// The whole block.
+    Whole(ByteBuf),
+    /// Byte ranges (offset in the block, bytes) over the block's content at `prev`.
+    Ranges(Vec<(u32, ByteBuf)>),
 }
 
 /// What a replay did.
@@ -72,7 +120,95 @@ impl Datastore {
             inode: inode.clone(),
             changes: changes.iter().map(|(k, v)| (*k, *v)).collect(),
         };
-        self.chunks.append_log(&records::encode(&rec))
+        self.chunks.append_log(Kind::Log, &records::encode(&rec))
+    }
+
+    /// Logs the dirty data of a locked regular file that no record holds yet (see the
+    /// module doc) if it is small; returns whether it did (then a sync of the packs
+    /// makes it durable), or `false` when the caller must flush instead.
+    pub(super) fn log_writes(&self, st: &mut InodeState) -> Result<bool> {
+        let ino = st.inode.ino;
+        let mut bytes = 0usize;
+        for d in st.dirty.values().filter(|d| !d.logged) {
+            bytes += match &d.partial {
+                Some(p) => p.ranges.iter().map(|(a, b)| b - a).sum(),
+                None => d.data.as_ref().map_or(0, |d| d.len()),
+            };
+            if bytes > LOG_WRITES_MAX {
+                return Ok(false);
+            }
+        }
+        if st.inode.kind != FileKind::File || !self.meta.unlogged_durable(ino) {
+            return Ok(false);
+        }
+        let blocks: Vec<(u64, Written)> = st
+            .dirty
+            .iter()
+            .filter(|(_, d)| !d.logged)
+            .map(|(idx, d)| {
+                let written = match (&d.partial, &d.data) {
+                    (_, None) => Written::Hole,
+                    (Some(p), Some(data)) => Written::Ranges(
+                        p.ranges
+                            .iter()
+                            .map(|&(a, b)| (a as u32, ByteBuf::from(&data[a..b])))
+                            .collect(),
+                    ),
+                    (None, Some(data)) => Written::Whole(ByteBuf::from(&data[..])),
+                };
+                (*idx, written)
+            })
+            .collect();
+        if blocks.is_empty() {
+            return Ok(false);
+        }
+        let rec = WriteRecord {
+            prev: self.meta.file_version(ino)?,
+            version: self.meta.new_version(),
+            inode: st.inode.clone(),
+            blocks,
+        };
+        // Listed before it is appended, so a barrier that could see the record in the
+        // pack also sees it here.
+        let position = self.chunks.append_position();
+        self.log_pending.lock().entry(ino).or_insert(position);
+        self.chunks
+            .append_log(Kind::Write, &records::encode(&rec))?;
+        self.meta.set_logged_version(ino, rec.version);
+        for d in st.dirty.values_mut() {
+            d.logged = true;
+        }
+        Ok(true)
+    }
+
+    /// The file's logged writes are in the metadata now (flushed), or dropped.
+    pub(super) fn logged_writes_settled(&self, ino: InodeNo) {
+        if self.log_pending.lock().remove(&ino).is_some() {
+            self.meta.forget_logged_version(ino);
+        }
+    }
+
+    /// Flushes a locked file's data if a log record of written bytes holds some of it:
+    /// called before its record is written outside the log (see the module doc).
+    pub(super) fn settle(&self, st: &mut InodeState) -> Result<()> {
+        if self.log_pending.lock().contains_key(&st.inode.ino) {
+            self.flush_state(st)?;
+        }
+        Ok(())
+    }
+
+    /// Where a barrier that starts now may put the replay checkpoint: the append
+    /// position, or the oldest log record of written bytes whose data is not flushed.
+    pub(super) fn checkpoint(&self) -> (u32, u64) {
+        let end = self.chunks.append_position();
+        let pending = self.log_pending.lock().values().min().copied();
+        pending.map_or(end, |p| p.min(end))
+    }
+
+    /// The first pack holding a log record of written bytes whose data is not flushed:
+    /// GC must not compact it or any later pack.
+    pub(crate) fn first_pending_pack(&self) -> Option<u32> {
+        self.log_pending.lock().values().map(|(p, _)| *p).min()
     }
 
     /// Replays the intent log after the checkpoint (at open, before anything else runs).
@@ -94,7 +230,7 @@ impl Datastore {
                             done.reindexed += 1;
                         }
                     }
-                    Kind::Log => match self.replay_record(&id, &loc)? {
+                    Kind::Log | Kind::Write => match self.replay_record(kind, &id, &loc)? {
                         true => done.applied += 1,
                         false => done.skipped += 1,
                     },
@@ -120,7 +256,7 @@ impl Datastore {
     /// Applies one log record if its base is the durable metadata; returns whether it
     /// did. A record that cannot be applied is reported and skipped (the store still
     /// opens, for fsck to judge); only metadata I/O errors are returned.
-    fn replay_record(&self, hash: &ChunkId, loc: &ChunkLoc) -> Result<bool> {
+    fn replay_record(&self, kind: Kind, hash: &ChunkId, loc: &ChunkLoc) -> Result<bool> {
         let at = format!("log record in pack {} at offset {}", loc.pack, loc.offset);
         let payload = match self.chunks.read_loc(hash, loc) {
             Ok(p) => p,
@@ -130,21 +266,33 @@ impl Datastore {
                 return Ok(false);
             }
         };
-        let rec: LogRecord = match records::decode(&payload, &at) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("intent log: skipping {at}: {e}");
-                return Ok(false);
-            }
+        let (prev, version, inode, changes) = match kind {
+            Kind::Write => match records::decode::<WriteRecord>(&payload, &at) {
+                Ok(rec) => (rec.prev, rec.version, rec.inode, Err(rec.blocks)),
+                Err(e) => {
+                    tracing::error!("intent log: skipping {at}: {e}");
+                    return Ok(false);
+                }
+            },
+            _ => match records::decode::<LogRecord>(&payload, &at) {
+                Ok(rec) => (rec.prev, rec.version, rec.inode, Ok(rec.changes)),
+                Err(e) => {
+                    tracing::error!("intent log: skipping {at}: {e}");
+                    return Ok(false);
+                }
+            },
         };
-        let ino = rec.inode.ino;
-        if self.meta.file_version(ino)? != rec.prev {
+        let ino = inode.ino;
+        if self.meta.file_version(ino)? != prev {
             return Ok(false);
         }
         let Some(current) = self.meta.inode(ino, View::Live)? else {
             return Ok(false);
         };
-        let changes = rec.changes.iter().copied().collect();
+        let changes = match changes {
+            Ok(changes) => changes.into_iter().collect(),
+            Err(blocks) => self.store_written(&current, blocks, &at)?,
+        };
         let mut batch = Batch::default();
         let root = match self.maps.update(current.map, &changes, &mut batch) {
             Ok(root) => root,
@@ -153,16 +301,73 @@ impl Datastore {
                 return Ok(false);
             }
         };
-        if root != rec.inode.map {
+        let mut inode = inode;
+        if kind == Kind::Write {
+            inode.map = root;
+        } else if root != inode.map {
             tracing::error!(
                 "intent log: {at} (inode {ino}) gives another block map than it names; not applied"
             );
             return Ok(false);
         }
-        self.meta
-            .put_inode_logged(&mut batch, &rec.inode, rec.version)?;
+        self.meta.put_inode_logged(&mut batch, &inode, version)?;
         self.meta.commit_logged(batch)?;
         Ok(true)
+    }
+
+    /// Stores the blocks a write record holds (partly written ones merged over the
+    /// blocks of `current`) and returns the block-map changes. A block whose committed
+    /// content cannot be read is left as it is (reported).
+    fn store_written(
+        &self,
+        current: &Inode,
+        blocks: Vec<(u64, Written)>,
+        at: &str,
+    ) -> Result<BTreeMap<u64, Option<ChunkId>>> {
+        let bs = self.block_size() as usize;
+        let mut contents: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(blocks.len());
+        for (idx, written) in blocks {
+            let content = match written {
+                Written::Hole => None,
+                Written::Whole(data) => Some(data.into_vec()),
+                Written::Ranges(ranges) => {
+                    let mut block = match self.maps.lookup(current.map, idx)? {
+                        None => vec![0u8; bs],
+                        Some(id) => match self.chunks.get(&id) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::error!(
+                                    "intent log: {at}: inode {} offset {}: the written bytes are lost, the rest of the block is damaged: {e}",
+                                    current.ino,
+                                    idx * bs as u64
+                                );
+                                continue;
+                            }
+                        },
+                    };
+                    block.resize(bs, 0);
+                    for (off, bytes) in ranges {
+                        let off = off as usize;
+                        if let Some(dst) = block.get_mut(off..off + bytes.len()) {
+                            dst.copy_from_slice(&bytes);
+                        }
+                    }
+                    Some(block)
+                }
+            };
+            contents.push((idx, content.filter(|d| !super::io::is_zero(d))));
+        }
+        let mut changes = BTreeMap::new();
+        let mut chunks = Vec::new();
+        for (idx, content) in &contents {
+            let id = content.as_deref().map(ChunkId::of);
+            if let (Some(id), Some(data)) = (id, content) {
+                chunks.push((id, &data[..]));
+            }
+            changes.insert(*idx, id);
+        }
+        self.chunks.put_many(&chunks)?;
+        Ok(changes)
     }
 }
 
@@ -303,5 +508,161 @@ mod tests {
         drop(ds);
         let ds = Datastore::open(&copy, &opts()).unwrap();
         assert_eq!(read_all(&ds, f), model);
+    }
+
+    /// Kinds of the records appended since `from`.
+    fn kinds_since(ds: &Datastore, from: (u32, u64)) -> Vec<Kind> {
+        let records = ds.chunks.records_since(from).unwrap();
+        records.into_iter().map(|(k, _, _)| k).collect()
+    }
+
+    /// Applies a write to a byte model.
+    fn put(model: &mut Vec<u8>, off: usize, data: &[u8]) {
+        if model.len() < off + data.len() {
+            model.resize(off + data.len(), 0);
+        }
+        model[off..off + data.len()].copy_from_slice(data);
+    }
+
+    #[test]
+    fn small_fsyncs_log_the_written_bytes_and_chain_with_flushes() {
+        let (dir, store, ds, f) = store_with_file(16384, "disk.img");
+        let mut model = bytes(9, 200_000);
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap(); // create + first data: a full barrier
+        let copy = dir.path().join("copy");
+        crash_copy(&store.join("meta"), &copy.join("meta"));
+        let flushes = ds.meta.flushes_started();
+        let from = ds.chunks.append_position();
+        for round in 0..30u8 {
+            // Partly written blocks over committed data, a whole block, zeros, and an
+            // extension of the file.
+            let (off, data) = match round % 5 {
+                0 => (round as usize * 3001 % 150_000, bytes(round, 4096)),
+                1 => (16384 * 3, bytes(round, 16384)),
+                2 => (16384 * 5, vec![0u8; 16384]),
+                3 => (model.len() - 100, bytes(round, 5000)),
+                _ => (round as usize * 777, bytes(round, 100)),
+            };
+            ds.write(f, off as u64, &data).unwrap();
+            put(&mut model, off, &data);
+            if round % 7 == 6 {
+                ds.flush(f).unwrap(); // close(2): a flush record, no barrier
+            }
+            ds.fsync(f).unwrap();
+        }
+        // A large write is flushed, not logged as bytes.
+        let big = bytes(77, super::LOG_WRITES_MAX + 50_000);
+        ds.write(f, 20_000, &big).unwrap();
+        put(&mut model, 20_000, &big);
+        ds.fsync(f).unwrap();
+        ds.write(f, 1, &bytes(78, 10)).unwrap();
+        put(&mut model, 1, &bytes(78, 10));
+        ds.fsync(f).unwrap();
+        assert_eq!(ds.meta.flushes_started(), flushes, "no metadata flushed");
+        let kinds = kinds_since(&ds, from);
+        let writes = kinds.iter().filter(|k| **k == Kind::Write).count();
+        let flushes = kinds.iter().filter(|k| **k == Kind::Log).count();
+        assert_eq!(writes, 27, "{kinds:?}"); // not after the 4 closes
+        assert_eq!(flushes, 5, "{kinds:?}");
+        assert_eq!(read_all(&ds, f), model);
+        crash_copy(&store.join("packs"), &copy.join("packs"));
+        std::fs::copy(
+            crate::config::StoreConfig::path(&store),
+            crate::config::StoreConfig::path(&copy),
+        )
+        .unwrap();
+        drop(ds);
+        let ds = Datastore::open(&copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+        drop(ds);
+        let ds = Datastore::open(&copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+    }
+
+    #[test]
+    fn a_barrier_does_not_pass_logged_bytes_that_are_not_flushed() {
+        let (dir, store, ds, f) = store_with_file(16384, "a");
+        let mut model = bytes(1, 100_000);
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        put(&mut model, 5000, &bytes(2, 3000));
+        ds.fsync(f).unwrap(); // logged bytes, not flushed
+                              // Another file's fsync runs a full barrier (a create is unlogged).
+        let g = ds
+            .create(InodeNo::ROOT, b"b", 0o644, crate::fs::testing::WHO)
+            .unwrap()
+            .ino;
+        ds.write(g, 0, &bytes(3, 100)).unwrap();
+        ds.fsync(g).unwrap();
+        let copy = dir.path().join("copy");
+        crash_copy(&store, &copy);
+        drop(ds);
+        let ds = Datastore::open(&copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+        assert_eq!(read_all(&ds, g), bytes(3, 100));
+    }
+
+    #[test]
+    fn a_change_outside_the_log_flushes_logged_bytes_first() {
+        let (dir, store, ds, f) = store_with_file(16384, "a");
+        let mut model = bytes(1, 100_000);
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        put(&mut model, 5000, &bytes(2, 3000));
+        ds.fsync(f).unwrap(); // logged bytes, not flushed
+                              // A truncate (outside the log) made durable by another file's barrier: the
+                              // logged bytes must be in it, as replay will skip their record.
+        let set = SetAttr {
+            size: Some(60_000),
+            ..Default::default()
+        };
+        ds.setattr(f, &set).unwrap();
+        model.truncate(60_000);
+        ds.sync_metadata().unwrap();
+        let copy = dir.path().join("copy");
+        crash_copy(&store, &copy);
+        drop(ds);
+        let ds = Datastore::open(&copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+    }
+
+    #[test]
+    fn logged_bytes_over_a_damaged_block_lose_that_block_only() {
+        let (dir, store, ds, f) = store_with_file(16384, "a");
+        // Four different blocks (`bytes` repeats every 256 bytes).
+        let mut model: Vec<u8> = (0..4u8).flat_map(|b| bytes(b, 16384)).collect();
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        let copy = dir.path().join("copy");
+        crash_copy(&store.join("meta"), &copy.join("meta"));
+        ds.write(f, 100, &bytes(2, 50)).unwrap(); // block 0, partly
+        ds.write(f, 40_000, &bytes(3, 50)).unwrap(); // block 2, partly
+        put(&mut model, 40_000, &bytes(3, 50));
+        ds.fsync(f).unwrap();
+        crash_copy(&store.join("packs"), &copy.join("packs"));
+        std::fs::copy(
+            crate::config::StoreConfig::path(&store),
+            crate::config::StoreConfig::path(&copy),
+        )
+        .unwrap();
+        // Damage block 0's committed chunk in the copy.
+        let id = ds
+            .maps
+            .lookup(ds.inode(f).unwrap().map, 0)
+            .unwrap()
+            .unwrap();
+        let loc = ds.meta.chunk_loc(&id).unwrap().unwrap();
+        drop(ds);
+        let pack = crate::chunk::pack::pack_path(&copy.join("packs"), loc.pack);
+        let mut bytes_of_pack = std::fs::read(&pack).unwrap();
+        bytes_of_pack[loc.offset as usize + 10] ^= 0xff;
+        std::fs::write(&pack, bytes_of_pack).unwrap();
+        let ds = Datastore::open(&copy, &opts()).unwrap();
+        // Block 0 reads as damaged (EIO); block 2 has the logged bytes.
+        assert!(ds.read(f, 0, 100).is_err());
+        assert_eq!(ds.read(f, 32768, 32768).unwrap(), model[32768..65536]);
     }
 }

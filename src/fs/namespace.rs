@@ -492,6 +492,7 @@ impl Datastore {
     pub fn setattr(&self, ino: InodeNo, set: &SetAttr) -> Result<Attr> {
         let _ns = self.ns.lock();
         let mut g = self.lock(ino)?;
+        self.settle(&mut g)?;
         // New block-map nodes must be committed before a GC can start (see gc.rs).
         let _gate = self.gc_gate.read();
         let mut batch = Batch::default();
@@ -552,6 +553,7 @@ impl Datastore {
         }
         let _ns = self.ns.lock();
         let mut g = self.lock(ino)?;
+        self.settle(&mut g)?;
         let exists = g.inode.xattrs.contains_key(name);
         if flags & XATTR_CREATE != 0 && exists {
             return Err(FsError::Exists);
@@ -590,6 +592,7 @@ impl Datastore {
     pub fn removexattr(&self, ino: InodeNo, name: &[u8]) -> Result<()> {
         let _ns = self.ns.lock();
         let mut g = self.lock(ino)?;
+        self.settle(&mut g)?;
         if g.inode.xattrs.remove(name).is_none() {
             return Err(FsError::NoAttr);
         }
