@@ -224,6 +224,28 @@ pub struct SetAttr {
     pub atime: Option<Timestamp>,
     pub mtime: Option<Timestamp>,
     pub ctime: Option<Timestamp>,
+    /// The caller may not keep set-ID bits (no CAP_FSETID): a truncate clears them.
+    pub drop_setid: bool,
+}
+
+/// What a write, truncate or chown of a regular file does to its privileges (the kernel
+/// leaves this to the filesystem, see `FUSE_HANDLE_KILLPRIV_V2` in fuse.rs): its file
+/// capability goes and, when `setid`, set-user-ID and (with group execute) set-group-ID
+/// go. Returns whether anything changed.
+fn drop_privileges(inode: &mut Inode, setid: bool) -> bool {
+    if inode.kind != FileKind::File {
+        return false;
+    }
+    let mut changed = inode.xattrs.remove(&b"security.capability"[..]).is_some();
+    if setid {
+        let mut clear = libc::S_ISUID as u16;
+        if inode.perm & libc::S_IXGRP as u16 != 0 {
+            clear |= libc::S_ISGID as u16;
+        }
+        changed |= inode.perm & clear != 0;
+        inode.perm &= !clear;
+    }
+    changed
 }
 
 /// Space figures for statfs.

@@ -270,6 +270,7 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let fs = crate::fuse::ThinFuse::new(ds.clone());
+    let slot = fs.notifier_slot();
     let session = match fuser::Session::from_fd(fs, fd, opts.acl, config) {
         Ok(s) => s,
         Err(e) => {
@@ -277,6 +278,7 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
             return Err(e).with_context(|| format!("starting FUSE at {}", mountpoint.display()));
         }
     };
+    let _ = slot.set(session.notifier());
     let notifier = session.notifier();
     let invalidate: crate::control::Invalidator = Arc::new(move |parent, name| {
         use std::os::unix::ffi::OsStrExt;

@@ -524,6 +524,19 @@ impl Datastore {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, ino: InodeNo, offset: u64, data: &[u8]) -> Result<u32> {
+        Ok(self.write_as(ino, offset, data, false)?.0)
+    }
+
+    /// [`Datastore::write`] by a writer that may not keep set-ID bits (`drop_setid`: no
+    /// CAP_FSETID) in the file. Any write drops the file's capability. Returns the bytes
+    /// written and whether privileges were dropped (the mode or xattrs changed).
+    pub fn write_as(
+        &self,
+        ino: InodeNo,
+        offset: u64,
+        data: &[u8],
+        drop_setid: bool,
+    ) -> Result<(u32, bool)> {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(FsError::TooBig)?;
@@ -537,8 +550,10 @@ impl Datastore {
             _ => return Err(FsError::Invalid("not a regular file".into())),
         }
         if data.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
+        let dropped = super::drop_privileges(&mut g.inode, drop_setid);
+        g.attr_dirty |= dropped;
         if !is_zero(data) {
             let pending = self.dirty_total.load(Ordering::Relaxed).max(0) as u64;
             self.space.admit(data.len() as u64, pending)?;
@@ -566,7 +581,7 @@ impl Datastore {
         {
             self.flush_state(&mut g)?;
         }
-        Ok(data.len() as u32)
+        Ok((data.len() as u32, dropped))
     }
 
     /// Sets the size of a locked regular file: growing makes a hole, shrinking drops the
@@ -1023,6 +1038,27 @@ mod tests {
         drop(ds);
         let ds = Datastore::open(&store, &crate::fs::testing::opts()).unwrap();
         assert!(ds.read(f, 0, size as u32).unwrap() == model, "after reopen");
+    }
+
+    #[test]
+    fn writes_drop_the_file_capability_and_set_id_bits_when_asked() {
+        let (_dir, _store, ds, f) = crate::fs::testing::store_with_file(4096, "bin");
+        ds.setxattr(f, b"security.capability", b"caps", 0).unwrap();
+        let set = crate::fs::SetAttr {
+            mode: Some(0o6755),
+            ..Default::default()
+        };
+        ds.setattr(f, &set).unwrap();
+        // Root's write (CAP_FSETID) keeps set-ID bits; any write drops the capability.
+        assert_eq!(ds.write_as(f, 0, b"x", false).unwrap(), (1, true));
+        assert_eq!(ds.getattr(f).unwrap().perm, 0o6755);
+        assert!(matches!(
+            ds.getxattr(f, b"security.capability"),
+            Err(FsError::NoAttr)
+        ));
+        assert_eq!(ds.write_as(f, 1, b"y", false).unwrap(), (1, false));
+        assert_eq!(ds.write_as(f, 2, b"z", true).unwrap(), (1, true));
+        assert_eq!(ds.getattr(f).unwrap().perm, 0o755);
     }
 
     #[test]

@@ -503,10 +503,16 @@ impl Datastore {
         if let Some(mode) = set.mode {
             g.inode.perm = (mode & 0o7777) as u16;
         }
+        // A chown drops set-ID bits whoever asks (a chmod in the same call wins); a
+        // truncate, when the caller may not keep them.
+        let chown = set.uid.is_some() || set.gid.is_some();
+        if set.size.is_some() || chown {
+            super::drop_privileges(
+                &mut g.inode,
+                set.mode.is_none() && (chown || set.drop_setid),
+            );
+        }
         if let Some(uid) = set.uid {
-            if uid != g.inode.uid && g.inode.kind != FileKind::Dir {
-                g.inode.perm &= !(libc::S_ISUID as u16);
-            }
             g.inode.uid = uid;
         }
         if let Some(gid) = set.gid {

@@ -915,3 +915,42 @@ fn many_files_and_concurrent_writers() {
     }
     assert_eq!(fs::read_dir(&root).unwrap().count(), 4);
 }
+
+/// The kernel leaves dropping privileges to thinfs (FUSE_HANDLE_KILLPRIV_V2, which
+/// spares every write a getxattr round trip): a write or truncate by a user without
+/// CAP_FSETID clears set-user-ID and set-group-ID (with group execute), a chown clears
+/// them whoever asks, a write by root keeps them — as on a local filesystem.
+#[test]
+fn writes_truncates_and_chowns_drop_set_id_bits() {
+    let m = Mount::with(MountOptions {
+        block_size: None,
+        mount_args: vec!["-o".into(), "allow_other".into()],
+    });
+    let mode = |name: &str| fs::metadata(m.path(name)).unwrap().mode() & 0o7777;
+    for name in ["w", "t", "c", "r", "g"] {
+        fs::write(m.path(name), b"data").unwrap();
+        fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    fs::set_permissions(m.path("g"), fs::Permissions::from_mode(0o6766)).unwrap();
+    let out = as_nobody(&format!("echo more >> {}", m.path("w").display()));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(mode("w"), 0o777, "write by nobody");
+    let out = as_nobody(&format!("truncate -s 1 {}", m.path("t").display()));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(mode("t"), 0o777, "truncate by nobody");
+    // Without group execute, set-group-ID is mandatory locking, not privilege: kept.
+    let out = as_nobody(&format!("echo more >> {}", m.path("g").display()));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(mode("g"), 0o2766, "write by nobody, no group execute");
+    std::os::unix::fs::chown(m.path("c"), Some(0), Some(0)).unwrap();
+    assert_eq!(mode("c"), 0o777, "chown by root");
+    let mut f = OpenOptions::new().append(true).open(m.path("r")).unwrap();
+    f.write_all(b"root").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(mode("r"), 0o6777, "write by root");
+    // Directories keep theirs (set-group-ID on a directory is inheritance).
+    fs::create_dir(m.path("d")).unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o2777)).unwrap();
+    std::os::unix::fs::chown(m.path("d"), Some(0), Some(0)).unwrap();
+    assert_eq!(mode("d"), 0o2777, "chown of a directory");
+}
