@@ -54,6 +54,8 @@ pub struct ChunkStore {
     dir_unsynced: AtomicBool,
     /// Held for the whole of a sync.
     sync_lock: Mutex<()>,
+    /// Syncs that made at least one pack durable.
+    syncs: std::sync::atomic::AtomicU64,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
     /// Which names the index may hold (spares the index lookup for new data).
@@ -83,6 +85,7 @@ impl ChunkStore {
             unsynced: Mutex::new(BTreeSet::new()),
             dir_unsynced: AtomicBool::new(true),
             sync_lock: Mutex::new(()),
+            syncs: Default::default(),
             pins,
             presence: Arc::default(),
             locs: TwoGenCache::new(LOC_CACHE_GENERATION),
@@ -417,6 +420,9 @@ impl ChunkStore {
             std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
+        if !packs.is_empty() {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         for (i, id) in packs.iter().enumerate() {
             let synced = self.reader(*id).and_then(|f| {
                 f.sync_data()
@@ -487,6 +493,12 @@ impl ChunkStore {
             }));
         }
         Ok(out)
+    }
+
+    /// Syncs so far that made at least one pack durable (tests).
+    #[cfg(test)]
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Makes packs `ids` durable with the next [`ChunkStore::sync`] (records a crashed

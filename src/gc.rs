@@ -242,11 +242,13 @@ pub fn collect(
         let (chunks, nodes) = mark(ds, &fp, progress)?;
         fp(GcStep::MarkDone)?;
         sweep(ds, &chunks, &nodes, &mut report, &fp, progress)?;
-        ds.meta().flush()?;
+        // A barrier, not a bare metadata flush: flushes committed meanwhile must not
+        // become durable before their chunks do.
+        ds.barrier()?;
     }
     fp(GcStep::SweepDone)?;
     compact(ds, opts, &mut report, &fp, progress)?;
-    ds.meta().flush()?;
+    ds.barrier()?;
     // The removed names still have their filter bits; clear them (a stale filter only
     // costs index lookups, so a failure is not the collection's).
     if report.chunks_freed > 0 {
@@ -553,7 +555,7 @@ fn compact(
             cs.forget_locs(moved.iter().map(|(id, _, _)| id));
             fp(GcStep::Repointed(d.pack))?;
         }
-        meta.flush()?;
+        ds.barrier()?;
         fp(GcStep::Deleting(d.pack))?;
         // Nothing adds entries into an old pack, so the entries seen are the only ones
         // that could still point into it.

@@ -101,11 +101,17 @@ impl Datastore {
             }
             g.inode.kind == FileKind::File && self.meta.unlogged_durable(ino)
         };
-        if logged {
-            self.chunks.sync()
-        } else {
-            self.barrier()
+        if !logged {
+            return self.barrier();
         }
+        let synced = self.chunks.sync();
+        if synced.is_err() {
+            // The record may never reach the disk (a failed fdatasync can drop its
+            // pages): a later record must not chain from it. The next fsync runs a full
+            // barrier, which settles everything.
+            self.meta.mark_unlogged(ino);
+        }
+        synced
     }
 
     pub(super) fn drop_dirty(&self, st: &mut InodeState) {
@@ -135,6 +141,15 @@ impl Datastore {
                 return Err(e);
             }
         };
+        // Bytes a write record holds (journal.rs) are acknowledged: once this flush's
+        // version is durable that record is no longer replayed, so the chunks must be
+        // durable first; and the version must become durable with the record, not
+        // after it (replayed over a newer record, the write record would take the
+        // file's size back). The background flush does this every 2 s at most.
+        let settles_log = self.log_pending.lock().contains_key(&st.inode.ino);
+        if settles_log {
+            self.chunks.sync()?;
+        }
         let mut batch = Batch::default();
         let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
         let old_root = st.inode.map;
@@ -147,7 +162,10 @@ impl Datastore {
                 let version = self.meta.new_version();
                 self.meta
                     .put_inode_logged(&mut batch, &st.inode, version)
-                    .and_then(|_| self.meta.commit_logged(batch))
+                    .and_then(|_| match settles_log {
+                        true => self.meta.commit(batch),
+                        false => self.meta.commit_logged(batch),
+                    })
                     .map(|_| Some((prev, version)))
             })
         } else {
@@ -524,18 +542,19 @@ impl Datastore {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, ino: InodeNo, offset: u64, data: &[u8]) -> Result<u32> {
-        Ok(self.write_as(ino, offset, data, false)?.0)
+        Ok(self.write_as(ino, offset, data, None)?.0)
     }
 
-    /// [`Datastore::write`] by a writer that may not keep set-ID bits (`drop_setid`: no
-    /// CAP_FSETID) in the file. Any write drops the file's capability. Returns the bytes
-    /// written and whether privileges were dropped (the mode or xattrs changed).
+    /// [`Datastore::write`] by a writer that may not keep set-ID bits in the file when
+    /// `caller_gid` is given (its gid; no CAP_FSETID). Any write drops the file's
+    /// capability. Returns the bytes written and whether privileges were dropped (the
+    /// mode or xattrs changed).
     pub fn write_as(
         &self,
         ino: InodeNo,
         offset: u64,
         data: &[u8],
-        drop_setid: bool,
+        caller_gid: Option<u32>,
     ) -> Result<(u32, bool)> {
         let end = offset
             .checked_add(data.len() as u64)
@@ -552,7 +571,7 @@ impl Datastore {
         if data.is_empty() {
             return Ok((0, false));
         }
-        let dropped = super::drop_privileges(&mut g.inode, drop_setid);
+        let dropped = super::drop_privileges(&mut g.inode, caller_gid.is_some(), caller_gid);
         g.attr_dirty |= dropped;
         if !is_zero(data) {
             let pending = self.dirty_total.load(Ordering::Relaxed).max(0) as u64;
@@ -582,6 +601,19 @@ impl Datastore {
             self.flush_state(&mut g)?;
         }
         Ok((data.len() as u32, dropped))
+    }
+
+    /// What a modification of `ino`'s data other than a write (fallocate, a copy into
+    /// it) does to its privileges: see [`Datastore::write_as`]. Returns whether any
+    /// changed.
+    pub fn drop_privileges(&self, ino: InodeNo, caller_gid: Option<u32>) -> Result<bool> {
+        let mut g = self.lock(ino)?;
+        let dropped = super::drop_privileges(&mut g.inode, caller_gid.is_some(), caller_gid);
+        if dropped {
+            g.inode.ctime = Timestamp::now();
+            g.attr_dirty = true;
+        }
+        Ok(dropped)
     }
 
     /// Sets the size of a locked regular file: growing makes a hole, shrinking drops the
@@ -1050,14 +1082,14 @@ mod tests {
         };
         ds.setattr(f, &set).unwrap();
         // Root's write (CAP_FSETID) keeps set-ID bits; any write drops the capability.
-        assert_eq!(ds.write_as(f, 0, b"x", false).unwrap(), (1, true));
+        assert_eq!(ds.write_as(f, 0, b"x", None).unwrap(), (1, true));
         assert_eq!(ds.getattr(f).unwrap().perm, 0o6755);
         assert!(matches!(
             ds.getxattr(f, b"security.capability"),
             Err(FsError::NoAttr)
         ));
-        assert_eq!(ds.write_as(f, 1, b"y", false).unwrap(), (1, false));
-        assert_eq!(ds.write_as(f, 2, b"z", true).unwrap(), (1, true));
+        assert_eq!(ds.write_as(f, 1, b"y", None).unwrap(), (1, false));
+        assert_eq!(ds.write_as(f, 2, b"z", Some(0)).unwrap(), (1, true));
         assert_eq!(ds.getattr(f).unwrap().perm, 0o755);
     }
 

@@ -665,4 +665,24 @@ mod tests {
         assert!(ds.read(f, 0, 100).is_err());
         assert_eq!(ds.read(f, 32768, 32768).unwrap(), model[32768..65536]);
     }
+
+    #[test]
+    fn the_flush_of_logged_bytes_makes_its_chunks_durable_first() {
+        // Once the flush's version is durable (the next barrier, GC, or sled writing its
+        // log on its own) the write record is no longer replayed: the chunks that now
+        // hold its bytes must be durable by then.
+        let (_dir, _store, ds, f) = store_with_file(16384, "a");
+        ds.write(f, 0, &bytes(1, 100_000)).unwrap();
+        ds.fsync(f).unwrap();
+        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        ds.fsync(f).unwrap(); // logged bytes
+        ds.write(f, 70_000, &bytes(3, 3000)).unwrap(); // not acknowledged
+        let syncs = ds.chunks.syncs();
+        ds.flush(f).unwrap();
+        assert_eq!(ds.chunks.syncs(), syncs + 1, "the flush synced the packs");
+        // A flush with no logged bytes does not.
+        ds.write(f, 90_000, &bytes(4, 3000)).unwrap();
+        ds.flush(f).unwrap();
+        assert_eq!(ds.chunks.syncs(), syncs + 1);
+    }
 }

@@ -159,7 +159,9 @@ impl Datastore {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         let _ns = self.ns.lock();
         self.meta.delete_snapshot(name.as_bytes())?;
-        self.meta.flush()
+        // A barrier, not a bare metadata flush: flushes committed meanwhile must not
+        // become durable before their chunks do.
+        self.barrier()
     }
 
     /// Makes the live tree equal to snapshot `name` (no data is copied). Refuses while
