@@ -224,22 +224,25 @@ pub struct SetAttr {
     pub atime: Option<Timestamp>,
     pub mtime: Option<Timestamp>,
     pub ctime: Option<Timestamp>,
-    /// The caller may not keep set-ID bits (no CAP_FSETID): a truncate clears them.
-    pub drop_setid: bool,
+    /// The caller's gid when it may not keep set-ID bits (no CAP_FSETID): a truncate
+    /// clears them.
+    pub caller_gid: Option<u32>,
 }
 
-/// What a write, truncate or chown of a regular file does to its privileges (the kernel
-/// leaves this to the filesystem, see `FUSE_HANDLE_KILLPRIV_V2` in fuse.rs): its file
-/// capability goes and, when `setid`, set-user-ID and (with group execute) set-group-ID
-/// go. Returns whether anything changed.
-fn drop_privileges(inode: &mut Inode, setid: bool) -> bool {
+/// What a write, truncate, fallocate, copy into or chown of a regular file does to its
+/// privileges, as Linux does for local filesystems (the kernel leaves it to the
+/// filesystem, see `FUSE_HANDLE_KILLPRIV_V2` in fuse.rs): the file capability goes;
+/// when `setid`, set-user-ID goes, and set-group-ID with group execute or when
+/// `caller_gid` (a caller without CAP_FSETID) is not the file's group. Returns whether
+/// anything changed.
+fn drop_privileges(inode: &mut Inode, setid: bool, caller_gid: Option<u32>) -> bool {
     if inode.kind != FileKind::File {
         return false;
     }
     let mut changed = inode.xattrs.remove(&b"security.capability"[..]).is_some();
     if setid {
         let mut clear = libc::S_ISUID as u16;
-        if inode.perm & libc::S_IXGRP as u16 != 0 {
+        if inode.perm & libc::S_IXGRP as u16 != 0 || caller_gid.is_some_and(|g| g != inode.gid) {
             clear |= libc::S_ISGID as u16;
         }
         changed |= inode.perm & clear != 0;

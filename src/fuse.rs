@@ -56,6 +56,17 @@ impl ThinFuse {
         }
     }
 
+    /// Tells the kernel that `ino`'s attributes changed under it (its mode or xattrs,
+    /// when a write dropped privileges): attributes only (offset -1), so no page of the
+    /// file waits on a write in progress. Called after the reply.
+    fn attrs_changed(&self, ino: InodeNo) {
+        if let Some(notifier) = self.notifier.get() {
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino.0), -1, 0) {
+                tracing::debug!("attribute invalidation of inode {ino}: {e}");
+            }
+        }
+    }
+
     /// Where the mount puts the session's notifier.
     pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
         self.notifier.clone()
@@ -170,6 +181,13 @@ fn who(req: &Request) -> Creator {
     }
 }
 
+/// The caller's gid if it may not keep set-ID bits in a file it modifies (see
+/// `drop_privileges` in fs.rs): the kernel's test is CAP_FSETID, which a request does
+/// not carry; root stands for it.
+fn without_fsetid(req: &Request) -> Option<u32> {
+    (req.uid() != 0).then_some(req.gid())
+}
+
 impl Filesystem for ThinFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for cap in [
@@ -239,9 +257,7 @@ impl Filesystem for ThinFuse {
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
             ctime: ctime.map(kernel_time),
-            // FUSE_HANDLE_KILLPRIV_V2: a truncate's FATTR_KILL_SUIDGID is not passed on
-            // by fuser; the kernel sets it for callers without CAP_FSETID (root here).
-            drop_setid: size.is_some() && req.uid() != 0,
+            caller_gid: without_fsetid(req),
         };
         let i = live!(reply, i);
         match self.ds.setattr(i, &set) {
@@ -412,7 +428,7 @@ impl Filesystem for ThinFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -423,18 +439,14 @@ impl Filesystem for ThinFuse {
         reply: ReplyWrite,
     ) {
         let i = live!(reply, i);
-        let drop_setid = write_flags.contains(fuser::WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.ds.write_as(i, offset, data, drop_setid) {
+        let caller = write_flags
+            .contains(fuser::WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then_some(req.gid());
+        match self.ds.write_as(i, offset, data, caller) {
             Ok((n, dropped)) => {
                 reply.written(n);
                 if dropped {
-                    // The kernel's cached mode still has the set-ID bits: attributes
-                    // only (offset -1), so no page of the file waits on this write.
-                    if let Some(notifier) = self.notifier.get() {
-                        if let Err(e) = notifier.inval_inode(fuser::INodeNo(i.0), -1, 0) {
-                            tracing::debug!("attribute invalidation of inode {i}: {e}");
-                        }
-                    }
+                    self.attrs_changed(i);
                 }
             }
             Err(e) => reply.error(errno("write", e)),
@@ -702,7 +714,7 @@ impl Filesystem for ThinFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -711,9 +723,16 @@ impl Filesystem for ThinFuse {
         reply: ReplyEmpty,
     ) {
         let i = live!(reply, i);
+        let dropped = match self.ds.drop_privileges(i, without_fsetid(req)) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno("fallocate", e)),
+        };
         match self.ds.fallocate(i, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fallocate", e)),
+        }
+        if dropped {
+            self.attrs_changed(i);
         }
     }
 
@@ -742,7 +761,7 @@ impl Filesystem for ThinFuse {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         _fh_in: FileHandle,
         offset_in: u64,
@@ -755,12 +774,19 @@ impl Filesystem for ThinFuse {
     ) {
         let len = len.min(u32::MAX as u64 & !0xfff);
         let out = live!(reply, ino_out);
+        let dropped = match self.ds.drop_privileges(out, without_fsetid(req)) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno("copy_file_range", e)),
+        };
         match self
             .ds
             .copy_range_from(ino_in.0, offset_in, out, offset_out, len)
         {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno("copy_file_range", e)),
+        }
+        if dropped {
+            self.attrs_changed(out);
         }
     }
 }

@@ -507,10 +507,8 @@ impl Datastore {
         // truncate, when the caller may not keep them.
         let chown = set.uid.is_some() || set.gid.is_some();
         if set.size.is_some() || chown {
-            super::drop_privileges(
-                &mut g.inode,
-                set.mode.is_none() && (chown || set.drop_setid),
-            );
+            let setid = set.mode.is_none() && (chown || set.caller_gid.is_some());
+            super::drop_privileges(&mut g.inode, setid, set.caller_gid);
         }
         if let Some(uid) = set.uid {
             g.inode.uid = uid;

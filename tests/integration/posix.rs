@@ -917,9 +917,10 @@ fn many_files_and_concurrent_writers() {
 }
 
 /// The kernel leaves dropping privileges to thinfs (FUSE_HANDLE_KILLPRIV_V2, which
-/// spares every write a getxattr round trip): a write or truncate by a user without
-/// CAP_FSETID clears set-user-ID and set-group-ID (with group execute), a chown clears
-/// them whoever asks, a write by root keeps them — as on a local filesystem.
+/// spares every write a getxattr round trip): a write, truncate or fallocate by a user
+/// without CAP_FSETID clears set-user-ID and set-group-ID (with group execute, or when
+/// the user is not in the file's group), a chown clears them whoever asks, a write by
+/// root keeps them — as on a local filesystem.
 #[test]
 fn writes_truncates_and_chowns_drop_set_id_bits() {
     let m = Mount::with(MountOptions {
@@ -927,21 +928,37 @@ fn writes_truncates_and_chowns_drop_set_id_bits() {
         mount_args: vec!["-o".into(), "allow_other".into()],
     });
     let mode = |name: &str| fs::metadata(m.path(name)).unwrap().mode() & 0o7777;
-    for name in ["w", "t", "c", "r", "g"] {
+    for name in ["w", "t", "c", "r", "g", "h", "a"] {
         fs::write(m.path(name), b"data").unwrap();
+        if name == "g" {
+            std::os::unix::fs::chown(m.path(name), None, Some(65534)).unwrap();
+        }
         fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o6777)).unwrap();
     }
-    fs::set_permissions(m.path("g"), fs::Permissions::from_mode(0o6766)).unwrap();
+    for name in ["g", "h"] {
+        fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o6766)).unwrap();
+    }
     let out = as_nobody(&format!("echo more >> {}", m.path("w").display()));
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(mode("w"), 0o777, "write by nobody");
     let out = as_nobody(&format!("truncate -s 1 {}", m.path("t").display()));
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(mode("t"), 0o777, "truncate by nobody");
-    // Without group execute, set-group-ID is mandatory locking, not privilege: kept.
+    // Without group execute, set-group-ID goes only if the writer is not in the file's
+    // group (Linux 6.2 on).
     let out = as_nobody(&format!("echo more >> {}", m.path("g").display()));
     assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(mode("g"), 0o2766, "write by nobody, no group execute");
+    assert_eq!(
+        mode("g"),
+        0o2766,
+        "write by nobody in the group, no group execute"
+    );
+    let out = as_nobody(&format!("echo more >> {}", m.path("h").display()));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(mode("h"), 0o766, "write by nobody not in the group");
+    let out = as_nobody(&format!("fallocate -l 65536 {}", m.path("a").display()));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(mode("a"), 0o777, "fallocate by nobody");
     std::os::unix::fs::chown(m.path("c"), Some(0), Some(0)).unwrap();
     assert_eq!(mode("c"), 0o777, "chown by root");
     let mut f = OpenOptions::new().append(true).open(m.path("r")).unwrap();
