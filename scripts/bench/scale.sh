@@ -14,6 +14,7 @@
 #   BUILD=1             cargo build --release first (0: use target/release/thinfs as is)
 #   THINFS=path         use this binary instead of target/release/thinfs (implies BUILD=0)
 #   NICE=10             niceness of everything this script runs
+#   MOUNT_OPTS=         more mount options, e.g. meta_cache=32M (gc_interval=0 is always set)
 #
 # Steps, on a fresh store (mkfs with the default 16 KiB blocks, mount -o gc_interval=0):
 #   1. fio sequential 1 MiB writes with --refill_buffers (a distinct --randseed per file, so
@@ -140,7 +141,7 @@ cp "$THINFS_SRC" "$THINFS"
 
 # ---- helpers -------------------------------------------------------------------------------
 
-mount_store() { run "$THINFS" mount "$STORE" "$MNT" -o gc_interval=0; }
+mount_store() { run "$THINFS" mount "$STORE" "$MNT" -o "gc_interval=0${MOUNT_OPTS:+,$MOUNT_OPTS}"; }
 
 status_kib() { # FIELD: VmRSS / VmHWM of the daemon in KiB
     awk -v f="$1:" '$1 == f {print $2}' "/proc/$(daemon_pid)/status"
