@@ -405,6 +405,25 @@ mod tests {
         ds.read(ino, 0, size as u32).unwrap()
     }
 
+    /// Completes a power-cut copy whose metadata was copied earlier: the packs (as the
+    /// last sync left them) and the identity file.
+    fn copy_packs_and_config(store: &Path, copy: &Path) {
+        crash_copy(&store.join("packs"), &copy.join("packs"));
+        let config = crate::config::StoreConfig::path;
+        std::fs::copy(config(store), config(copy)).unwrap();
+    }
+
+    /// Opens `copy` (replaying its log) and checks file `f` against `model`; then again:
+    /// the second open replays nothing more and changes nothing.
+    fn reopen_twice(copy: &Path, f: InodeNo, model: &[u8]) {
+        let ds = Datastore::open(copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+        drop(ds);
+        let ds = Datastore::open(copy, &opts()).unwrap();
+        assert_eq!(read_all(&ds, f), model);
+        assert_eq!(ds.replay_log().unwrap(), Replay::default());
+    }
+
     #[test]
     fn fsynced_writes_come_back_from_the_log_alone() {
         let (dir, store, ds, f) = store_with_file(4096, "disk.img");
@@ -421,28 +440,14 @@ mod tests {
             let off = (round as usize * 5000) % 60_000;
             let data = bytes(round, 3000 + round as usize * 100);
             ds.write(f, off as u64, &data).unwrap();
-            if model.len() < off + data.len() {
-                model.resize(off + data.len(), 0);
-            }
-            model[off..off + data.len()].copy_from_slice(&data);
+            put(&mut model, off, &data);
             ds.fsync(f).unwrap();
         }
         let flushed = ds.meta.flushes_started();
         assert_eq!(flushed, flushes, "the fsyncs flushed no metadata");
-        crash_copy(&store.join("packs"), &copy.join("packs"));
-        std::fs::copy(
-            crate::config::StoreConfig::path(&store),
-            crate::config::StoreConfig::path(&copy),
-        )
-        .unwrap();
+        copy_packs_and_config(&store, &copy);
         drop(ds);
-        let ds = Datastore::open(&copy, &opts()).unwrap();
-        assert_eq!(read_all(&ds, f), model);
-        // A second open replays nothing more and changes nothing.
-        drop(ds);
-        let ds = Datastore::open(&copy, &opts()).unwrap();
-        assert_eq!(read_all(&ds, f), model);
-        assert_eq!(ds.replay_log().unwrap(), Replay::default());
+        reopen_twice(&copy, f, &model);
     }
 
     #[test]
@@ -451,8 +456,9 @@ mod tests {
         ds.fsync(f).unwrap();
         ds.write(f, 0, &bytes(1, 20_000)).unwrap();
         ds.fsync(f).unwrap(); // logged, after the checkpoint
-                              // Truncate (unlogged) and make the metadata durable without a barrier (as GC
-                              // does): the checkpoint stays before the record.
+
+        // Truncate (unlogged) and make the metadata durable without a barrier (as sled
+        // may on its own): the checkpoint stays before the record.
         let set = SetAttr {
             size: Some(100),
             ..Default::default()
@@ -566,18 +572,9 @@ mod tests {
         assert_eq!(writes, 27, "{kinds:?}"); // not after the 4 closes
         assert_eq!(flushes, 5, "{kinds:?}");
         assert_eq!(read_all(&ds, f), model);
-        crash_copy(&store.join("packs"), &copy.join("packs"));
-        std::fs::copy(
-            crate::config::StoreConfig::path(&store),
-            crate::config::StoreConfig::path(&copy),
-        )
-        .unwrap();
+        copy_packs_and_config(&store, &copy);
         drop(ds);
-        let ds = Datastore::open(&copy, &opts()).unwrap();
-        assert_eq!(read_all(&ds, f), model);
-        drop(ds);
-        let ds = Datastore::open(&copy, &opts()).unwrap();
-        assert_eq!(read_all(&ds, f), model);
+        reopen_twice(&copy, f, &model);
     }
 
     #[test]
@@ -589,7 +586,8 @@ mod tests {
         ds.write(f, 5000, &bytes(2, 3000)).unwrap();
         put(&mut model, 5000, &bytes(2, 3000));
         ds.fsync(f).unwrap(); // logged bytes, not flushed
-                              // Another file's fsync runs a full barrier (a create is unlogged).
+
+        // Another file's fsync runs a full barrier (a create is unlogged).
         let g = ds
             .create(InodeNo::ROOT, b"b", 0o644, crate::fs::testing::WHO)
             .unwrap()
@@ -613,8 +611,9 @@ mod tests {
         ds.write(f, 5000, &bytes(2, 3000)).unwrap();
         put(&mut model, 5000, &bytes(2, 3000));
         ds.fsync(f).unwrap(); // logged bytes, not flushed
-                              // A truncate (outside the log) made durable by another file's barrier: the
-                              // logged bytes must be in it, as replay will skip their record.
+
+        // A truncate (outside the log) made durable by another file's barrier: the
+        // logged bytes must be in it, as replay will skip their record.
         let set = SetAttr {
             size: Some(60_000),
             ..Default::default()
@@ -642,12 +641,7 @@ mod tests {
         ds.write(f, 40_000, &bytes(3, 50)).unwrap(); // block 2, partly
         put(&mut model, 40_000, &bytes(3, 50));
         ds.fsync(f).unwrap();
-        crash_copy(&store.join("packs"), &copy.join("packs"));
-        std::fs::copy(
-            crate::config::StoreConfig::path(&store),
-            crate::config::StoreConfig::path(&copy),
-        )
-        .unwrap();
+        copy_packs_and_config(&store, &copy);
         // Damage block 0's committed chunk in the copy.
         let id = ds
             .maps
