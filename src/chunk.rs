@@ -56,6 +56,9 @@ pub struct ChunkStore {
     sync_lock: Mutex<()>,
     /// Syncs that made at least one pack durable.
     syncs: std::sync::atomic::AtomicU64,
+    /// Tests: the next sync fails as a device error would.
+    #[cfg(test)]
+    pub(crate) fail_next_sync: AtomicBool,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
     /// Which names the index may hold (spares the index lookup for new data).
@@ -86,6 +89,8 @@ impl ChunkStore {
             dir_unsynced: AtomicBool::new(true),
             sync_lock: Mutex::new(()),
             syncs: Default::default(),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
             pins,
             presence: Arc::default(),
             locs: TwoGenCache::new(LOC_CACHE_GENERATION),
@@ -422,6 +427,17 @@ impl ChunkStore {
                 .collect();
         if !packs.is_empty() {
             self.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(packs.iter().copied());
+            return Err(FsError::io(
+                "syncing packs (test)".to_string(),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
         for (i, id) in packs.iter().enumerate() {
             let synced = self.reader(*id).and_then(|f| {

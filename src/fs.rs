@@ -292,6 +292,9 @@ pub struct Datastore {
     /// Files whose dirty data a log record of written bytes holds, with the append
     /// position before their oldest such record (journal.rs).
     log_pending: Mutex<std::collections::HashMap<InodeNo, (u32, u64)>>,
+    /// Files whose last log record may be lost (a sync of the packs failed after it):
+    /// their fsyncs run a full barrier until one has succeeded (io.rs, fsync).
+    log_broken: Mutex<HashSet<InodeNo>>,
 }
 
 impl Datastore {
@@ -395,6 +398,7 @@ impl Datastore {
             group_sync: durable::GroupSync::default(),
             prestore: prestore::Prestore::idle(),
             log_pending: Mutex::default(),
+            log_broken: Mutex::default(),
         });
         ds.replay_log()?;
         ds.drop_orphans()?;

@@ -723,16 +723,18 @@ impl Filesystem for ThinFuse {
         reply: ReplyEmpty,
     ) {
         let i = live!(reply, i);
-        let dropped = match self.ds.drop_privileges(i, without_fsetid(req)) {
-            Ok(d) => d,
-            Err(e) => return reply.error(errno("fallocate", e)),
-        };
-        match self.ds.fallocate(i, offset, length, mode) {
-            Ok(()) => reply.ok(),
+        let done = self
+            .ds
+            .fallocate(i, offset, length, mode)
+            .and_then(|_| self.ds.drop_privileges(i, without_fsetid(req)));
+        match done {
+            Ok(dropped) => {
+                reply.ok();
+                if dropped {
+                    self.attrs_changed(i);
+                }
+            }
             Err(e) => reply.error(errno("fallocate", e)),
-        }
-        if dropped {
-            self.attrs_changed(i);
         }
     }
 
@@ -774,19 +776,18 @@ impl Filesystem for ThinFuse {
     ) {
         let len = len.min(u32::MAX as u64 & !0xfff);
         let out = live!(reply, ino_out);
-        let dropped = match self.ds.drop_privileges(out, without_fsetid(req)) {
-            Ok(d) => d,
-            Err(e) => return reply.error(errno("copy_file_range", e)),
-        };
-        match self
+        let done = self
             .ds
             .copy_range_from(ino_in.0, offset_in, out, offset_out, len)
-        {
-            Ok(n) => reply.written(n as u32),
+            .and_then(|n| Ok((n, self.ds.drop_privileges(out, without_fsetid(req))?)));
+        match done {
+            Ok((n, dropped)) => {
+                reply.written(n as u32);
+                if dropped {
+                    self.attrs_changed(out);
+                }
+            }
             Err(e) => reply.error(errno("copy_file_range", e)),
-        }
-        if dropped {
-            self.attrs_changed(out);
         }
     }
 }

@@ -94,22 +94,28 @@ impl Datastore {
     /// when they are few, else the flush's intent-log record and the chunks (see
     /// journal.rs). Otherwise a full barrier.
     pub fn fsync(&self, ino: InodeNo) -> Result<()> {
+        // After a failed sync of the packs the file's last log record may never reach
+        // the disk, and a record chained from it would not be replayed: until a flush
+        // and a barrier have made the file's data durable in the metadata, every fsync
+        // of it takes that way.
+        let broken = self.log_broken.lock().contains(&ino);
         let logged = {
             let mut g = self.lock(ino)?;
-            if !self.log_writes(&mut g)? {
+            if broken || !self.log_writes(&mut g)? {
                 self.flush_state(&mut g)?;
             }
-            g.inode.kind == FileKind::File && self.meta.unlogged_durable(ino)
+            g.inode.kind == FileKind::File && self.meta.unlogged_durable(ino) && !broken
         };
         if !logged {
-            return self.barrier();
+            self.barrier()?;
+            if broken {
+                self.log_broken.lock().remove(&ino);
+            }
+            return Ok(());
         }
         let synced = self.chunks.sync();
         if synced.is_err() {
-            // The record may never reach the disk (a failed fdatasync can drop its
-            // pages): a later record must not chain from it. The next fsync runs a full
-            // barrier, which settles everything.
-            self.meta.mark_unlogged(ino);
+            self.log_broken.lock().insert(ino);
         }
         synced
     }

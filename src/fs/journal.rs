@@ -679,4 +679,28 @@ mod tests {
         ds.flush(f).unwrap();
         assert_eq!(ds.chunks.syncs(), syncs + 1);
     }
+
+    #[test]
+    fn after_a_failed_pack_sync_fsyncs_run_barriers_until_one_succeeds() {
+        let (_dir, _store, ds, f) = store_with_file(16384, "a");
+        ds.write(f, 0, &bytes(1, 100_000)).unwrap();
+        ds.fsync(f).unwrap();
+        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        ds.chunks
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(ds.fsync(f).is_err());
+        // Another barrier (not this file's) must not put it back on the fast path: its
+        // lost record's version would be the base of the next one.
+        ds.sync_metadata().unwrap();
+        let flushes = ds.meta.flushes_started();
+        ds.write(f, 9000, &bytes(3, 3000)).unwrap();
+        ds.fsync(f).unwrap();
+        assert!(ds.meta.flushes_started() > flushes, "a full barrier ran");
+        // Then the fast path again.
+        let flushes = ds.meta.flushes_started();
+        ds.write(f, 20_000, &bytes(4, 3000)).unwrap();
+        ds.fsync(f).unwrap();
+        assert_eq!(ds.meta.flushes_started(), flushes);
+    }
 }
