@@ -11,6 +11,7 @@
 #   --skip-setup  do not apt-get/pip install anything
 #   --nfiles N    small files for the metadata and snapshot jobs (default 100000, quick 2000)
 #   --fleet-bs L  thinfs block sizes for the fleet job (default 16K,64K,128K, quick 16K)
+# Environment: THINFS_MOUNT_OPTS (e.g. meta_cache=256M) is passed to `thinfs mount -o`.
 #
 # Systems (all on the disk that holds the work dir, default /var/tmp/thinfs-bench):
 #   native   a plain directory;
@@ -338,7 +339,7 @@ mount_system() {
         thinfs)
             tmo "$THINFS" mkfs "$d/store" --block-size "$bs"
             echo "thinfs $d/mnt" >>"$RUN/mounts"
-            tmo "$THINFS" mount "$d/store" "$d/mnt" </dev/null
+            tmo "$THINFS" mount "$d/store" "$d/mnt" ${THINFS_MOUNT_OPTS:+-o "$THINFS_MOUNT_OPTS"} </dev/null
             wait_mounted "$d/mnt" ;;
     esac
 }
