@@ -54,7 +54,8 @@ pub struct ChunkStore {
     dir_unsynced: AtomicBool,
     /// Held for the whole of a sync.
     sync_lock: Mutex<()>,
-    /// Syncs that made at least one pack durable.
+    /// Tests: syncs that made at least one pack durable.
+    #[cfg(test)]
     syncs: std::sync::atomic::AtomicU64,
     /// Tests: the next sync fails as a device error would.
     #[cfg(test)]
@@ -88,6 +89,7 @@ impl ChunkStore {
             unsynced: Mutex::new(BTreeSet::new()),
             dir_unsynced: AtomicBool::new(true),
             sync_lock: Mutex::new(()),
+            #[cfg(test)]
             syncs: Default::default(),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
@@ -425,6 +427,7 @@ impl ChunkStore {
             std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
+        #[cfg(test)]
         if !packs.is_empty() {
             self.syncs.fetch_add(1, Ordering::Relaxed);
         }

@@ -545,7 +545,7 @@ impl Datastore {
     /// Adds the state's record to `batch` and marks its attributes clean.
     fn put_state(&self, batch: &mut Batch, st: &mut InodeState) -> Result<()> {
         debug_assert!(
-            !self.log_pending.lock().contains_key(&st.inode.ino),
+            !self.has_logged_writes(st.inode.ino),
             "inode {} has logged writes: settle it before writing its record",
             st.inode.ino
         );

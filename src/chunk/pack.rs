@@ -150,14 +150,10 @@ impl ActivePack {
         Ok(offsets)
     }
 
-    /// Appends an intent-log record of `kind` (not a chunk); returns the offset of its
-    /// payload. On failure the pack is cut back (no torn record is left).
+    /// Appends an intent-log record of `kind` (`Log` or `Write`); returns the offset of
+    /// its payload. On failure the pack is cut back (no torn record is left).
     pub fn append_log(&mut self, kind: Kind, payload: &[u8]) -> Result<u64> {
-        let magic = match kind {
-            Kind::Write => WRITE_MAGIC,
-            Kind::Log | Kind::Chunk => LOG_MAGIC,
-        };
-        let h = header_with(magic, &ChunkId::of(payload), payload.len() as u32);
+        let h = header_with(kind.magic(), &ChunkId::of(payload), payload.len() as u32);
         self.append_parts(&[&h, payload], || "a log record".to_string())?;
         Ok(self.len - payload.len() as u64)
     }
@@ -289,6 +285,19 @@ pub enum Kind {
     Write,
 }
 
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Chunk, Kind::Log, Kind::Write];
+
+    /// The magic bytes its records start with.
+    pub fn magic(self) -> &'static [u8; 4] {
+        match self {
+            Kind::Chunk => MAGIC,
+            Kind::Log => LOG_MAGIC,
+            Kind::Write => WRITE_MAGIC,
+        }
+    }
+}
+
 /// Reads every well-formed record (chunks and log records) from `from` on, stopping at
 /// the first torn or foreign one; the data is not read (not verified). Returns them
 /// and the offset where scanning stopped.
@@ -306,11 +315,8 @@ pub fn scan_entries(path: &Path, from: u64) -> Result<(Vec<(Kind, Record)>, u64)
         if file.read_exact_at(&mut h, pos).is_err() {
             break;
         }
-        let kind = match &h[..4] {
-            m if m == MAGIC => Kind::Chunk,
-            m if m == LOG_MAGIC => Kind::Log,
-            m if m == WRITE_MAGIC => Kind::Write,
-            _ => break,
+        let Some(kind) = Kind::ALL.into_iter().find(|k| h[..4] == k.magic()[..]) else {
+            break;
         };
         let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         if pos + HEADER_LEN + len as u64 > size {

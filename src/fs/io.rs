@@ -152,7 +152,7 @@ impl Datastore {
         // durable first; and the version must become durable with the record, not
         // after it (replayed over a newer record, the write record would take the
         // file's size back). The background flush does this every 2 s at most.
-        let settles_log = self.log_pending.lock().contains_key(&st.inode.ino);
+        let settles_log = self.has_logged_writes(st.inode.ino);
         if settles_log {
             self.chunks.sync()?;
         }

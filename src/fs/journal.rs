@@ -93,6 +93,14 @@ enum Written {
     Ranges(Vec<(u32, ByteBuf)>),
 }
 
+/// What a decoded log record asks for.
+enum Body {
+    /// A flush record's block-map changes.
+    Changes(Vec<(u64, Option<ChunkId>)>),
+    /// A write record's written bytes.
+    Written(Vec<(u64, Written)>),
+}
+
 /// What a replay did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replay {
@@ -128,6 +136,9 @@ impl Datastore {
     /// makes it durable), or `false` when the caller must flush instead.
     pub(super) fn log_writes(&self, st: &mut InodeState) -> Result<bool> {
         let ino = st.inode.ino;
+        if st.inode.kind != FileKind::File || !self.meta.unlogged_durable(ino) {
+            return Ok(false);
+        }
         let mut bytes = 0usize;
         for d in st.dirty.values().filter(|d| !d.logged) {
             bytes += match &d.partial {
@@ -137,9 +148,6 @@ impl Datastore {
             if bytes > LOG_WRITES_MAX {
                 return Ok(false);
             }
-        }
-        if st.inode.kind != FileKind::File || !self.meta.unlogged_durable(ino) {
-            return Ok(false);
         }
         let blocks: Vec<(u64, Written)> = st
             .dirty
@@ -181,6 +189,11 @@ impl Datastore {
         Ok(true)
     }
 
+    /// Whether a log record of written bytes holds some of `ino`'s unflushed data.
+    pub(super) fn has_logged_writes(&self, ino: InodeNo) -> bool {
+        self.log_pending.lock().contains_key(&ino)
+    }
+
     /// The file's logged writes are in the metadata now (flushed), or dropped.
     pub(super) fn logged_writes_settled(&self, ino: InodeNo) {
         if self.log_pending.lock().remove(&ino).is_some() {
@@ -191,7 +204,7 @@ impl Datastore {
     /// Flushes a locked file's data if a log record of written bytes holds some of it:
     /// called before its record is written outside the log (see the module doc).
     pub(super) fn settle(&self, st: &mut InodeState) -> Result<()> {
-        if self.log_pending.lock().contains_key(&st.inode.ino) {
+        if self.has_logged_writes(st.inode.ino) {
             self.flush_state(st)?;
         }
         Ok(())
@@ -266,21 +279,18 @@ impl Datastore {
                 return Ok(false);
             }
         };
-        let (prev, version, inode, changes) = match kind {
-            Kind::Write => match records::decode::<WriteRecord>(&payload, &at) {
-                Ok(rec) => (rec.prev, rec.version, rec.inode, Err(rec.blocks)),
-                Err(e) => {
-                    tracing::error!("intent log: skipping {at}: {e}");
-                    return Ok(false);
-                }
-            },
-            _ => match records::decode::<LogRecord>(&payload, &at) {
-                Ok(rec) => (rec.prev, rec.version, rec.inode, Ok(rec.changes)),
-                Err(e) => {
-                    tracing::error!("intent log: skipping {at}: {e}");
-                    return Ok(false);
-                }
-            },
+        let decoded = match kind {
+            Kind::Write => records::decode::<WriteRecord>(&payload, &at)
+                .map(|r| (r.prev, r.version, r.inode, Body::Written(r.blocks))),
+            _ => records::decode::<LogRecord>(&payload, &at)
+                .map(|r| (r.prev, r.version, r.inode, Body::Changes(r.changes))),
+        };
+        let (prev, version, inode, body) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("intent log: skipping {at}: {e}");
+                return Ok(false);
+            }
         };
         let ino = inode.ino;
         if self.meta.file_version(ino)? != prev {
@@ -289,9 +299,9 @@ impl Datastore {
         let Some(current) = self.meta.inode(ino, View::Live)? else {
             return Ok(false);
         };
-        let changes = match changes {
-            Ok(changes) => changes.into_iter().collect(),
-            Err(blocks) => self.store_written(&current, blocks, &at)?,
+        let changes = match body {
+            Body::Changes(changes) => changes.into_iter().collect(),
+            Body::Written(blocks) => self.store_written(&current, blocks, &at)?,
         };
         let mut batch = Batch::default();
         let root = match self.maps.update(current.map, &changes, &mut batch) {
@@ -373,7 +383,8 @@ impl Datastore {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
 
     use super::*;
     use crate::fs::testing::{opts, store_with_file};
@@ -530,6 +541,19 @@ mod tests {
         model[off..off + data.len()].copy_from_slice(data);
     }
 
+    /// A store (16 KiB blocks) with a file of 100,000 durable bytes and then 3,000 more
+    /// written at 5,000 and not fsync'd yet; `model` holds both.
+    fn durable_file_then_a_write() -> (tempfile::TempDir, PathBuf, Arc<Datastore>, InodeNo, Vec<u8>)
+    {
+        let (dir, store, ds, f) = store_with_file(16384, "a");
+        let mut model = bytes(1, 100_000);
+        ds.write(f, 0, &model).unwrap();
+        ds.fsync(f).unwrap();
+        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        put(&mut model, 5000, &bytes(2, 3000));
+        (dir, store, ds, f, model)
+    }
+
     #[test]
     fn small_fsyncs_log_the_written_bytes_and_chain_with_flushes() {
         let (dir, store, ds, f) = store_with_file(16384, "disk.img");
@@ -579,12 +603,7 @@ mod tests {
 
     #[test]
     fn a_barrier_does_not_pass_logged_bytes_that_are_not_flushed() {
-        let (dir, store, ds, f) = store_with_file(16384, "a");
-        let mut model = bytes(1, 100_000);
-        ds.write(f, 0, &model).unwrap();
-        ds.fsync(f).unwrap();
-        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
-        put(&mut model, 5000, &bytes(2, 3000));
+        let (dir, store, ds, f, model) = durable_file_then_a_write();
         ds.fsync(f).unwrap(); // logged bytes, not flushed
 
         // Another file's fsync runs a full barrier (a create is unlogged).
@@ -604,12 +623,7 @@ mod tests {
 
     #[test]
     fn a_change_outside_the_log_flushes_logged_bytes_first() {
-        let (dir, store, ds, f) = store_with_file(16384, "a");
-        let mut model = bytes(1, 100_000);
-        ds.write(f, 0, &model).unwrap();
-        ds.fsync(f).unwrap();
-        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
-        put(&mut model, 5000, &bytes(2, 3000));
+        let (dir, store, ds, f, mut model) = durable_file_then_a_write();
         ds.fsync(f).unwrap(); // logged bytes, not flushed
 
         // A truncate (outside the log) made durable by another file's barrier: the
@@ -665,10 +679,7 @@ mod tests {
         // Once the flush's version is durable (the next barrier, GC, or sled writing its
         // log on its own) the write record is no longer replayed: the chunks that now
         // hold its bytes must be durable by then.
-        let (_dir, _store, ds, f) = store_with_file(16384, "a");
-        ds.write(f, 0, &bytes(1, 100_000)).unwrap();
-        ds.fsync(f).unwrap();
-        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        let (_dir, _store, ds, f, _) = durable_file_then_a_write();
         ds.fsync(f).unwrap(); // logged bytes
         ds.write(f, 70_000, &bytes(3, 3000)).unwrap(); // not acknowledged
         let syncs = ds.chunks.syncs();
@@ -682,10 +693,7 @@ mod tests {
 
     #[test]
     fn after_a_failed_pack_sync_fsyncs_run_barriers_until_one_succeeds() {
-        let (_dir, _store, ds, f) = store_with_file(16384, "a");
-        ds.write(f, 0, &bytes(1, 100_000)).unwrap();
-        ds.fsync(f).unwrap();
-        ds.write(f, 5000, &bytes(2, 3000)).unwrap();
+        let (_dir, _store, ds, f, _) = durable_file_then_a_write();
         ds.chunks
             .fail_next_sync
             .store(true, std::sync::atomic::Ordering::SeqCst);

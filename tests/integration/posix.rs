@@ -938,27 +938,31 @@ fn writes_truncates_and_chowns_drop_set_id_bits() {
     for name in ["g", "h"] {
         fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o6766)).unwrap();
     }
-    let out = as_nobody(&format!("echo more >> {}", m.path("w").display()));
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(mode("w"), 0o777, "write by nobody");
-    let out = as_nobody(&format!("truncate -s 1 {}", m.path("t").display()));
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(mode("t"), 0o777, "truncate by nobody");
+    // Runs `cmd FILE` as nobody and returns FILE's mode afterwards.
+    let by_nobody = |cmd: &str, name: &str| {
+        let out = as_nobody(&format!("{cmd} {}", m.path(name).display()));
+        assert!(out.status.success(), "{}", describe(&out));
+        mode(name)
+    };
+    assert_eq!(by_nobody("echo more >>", "w"), 0o777, "write by nobody");
+    assert_eq!(by_nobody("truncate -s 1", "t"), 0o777, "truncate by nobody");
     // Without group execute, set-group-ID goes only if the writer is not in the file's
     // group (Linux 6.2 on).
-    let out = as_nobody(&format!("echo more >> {}", m.path("g").display()));
-    assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(
-        mode("g"),
+        by_nobody("echo more >>", "g"),
         0o2766,
         "write by nobody in the group, no group execute"
     );
-    let out = as_nobody(&format!("echo more >> {}", m.path("h").display()));
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(mode("h"), 0o766, "write by nobody not in the group");
-    let out = as_nobody(&format!("fallocate -l 65536 {}", m.path("a").display()));
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(mode("a"), 0o777, "fallocate by nobody");
+    assert_eq!(
+        by_nobody("echo more >>", "h"),
+        0o766,
+        "write by nobody not in the group"
+    );
+    assert_eq!(
+        by_nobody("fallocate -l 65536", "a"),
+        0o777,
+        "fallocate by nobody"
+    );
     std::os::unix::fs::chown(m.path("c"), Some(0), Some(0)).unwrap();
     assert_eq!(mode("c"), 0o777, "chown by root");
     let mut f = OpenOptions::new().append(true).open(m.path("r")).unwrap();
