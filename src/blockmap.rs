@@ -30,17 +30,23 @@
 //! - **Content addressing dedups metadata too**: identical subtrees (two copies of one
 //!   image) are one node.
 //!
-//! New nodes go into the caller's metadata batch, so a map change and the inode record
-//! that points at its new root commit atomically. Nodes no root reaches are garbage for GC.
+//! Nodes live in the packs, like chunks, under their own index (`meta::Index::Nodes`;
+//! stores made before format 5 hold theirs in the metadata, still read). A change writes
+//! its new nodes (and their index entries) before it returns the new root, so they are
+//! in the packs before the inode record that names the root is committed, and durable
+//! with the packs at the same barrier. A root that is never committed leaves garbage:
+//! nodes no root reaches are reclaimed by GC like chunks, and pack compaction returns
+//! their space. (In the metadata store they churned: every overwrite rewrote a ~2.6 KiB
+//! leaf there and sled's log kept the old copies: 8% metadata after random overwrites.)
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::cache::TwoGenCache;
+use crate::chunk::ChunkStore;
 use crate::error::{FsError, Result};
-use crate::gc::Pins;
 use crate::ids::ChunkId;
-use crate::meta::{Batch, MapRoot, Meta};
+use crate::meta::{Index, MapRoot, Meta};
 
 /// Slots per node. 64 rather than 256: a small write rewrites one node per level, and
 /// with 64 slots a path of a 32 GiB file is 4 nodes of <= 2.6 KiB (7.7 KiB) instead of
@@ -66,12 +72,17 @@ pub struct Entry {
 
 type Entries = Vec<Entry>;
 
+/// Nodes a change encoded (name, bytes), stored by [`BlockMaps::write`] before it returns.
+type NewNodes = Vec<(ChunkId, Vec<u8>)>;
+
 /// Reads, writes and caches block-map nodes.
 pub struct BlockMaps {
+    /// Where nodes are stored (the node index of the chunk store).
+    chunks: Arc<ChunkStore>,
+    /// Nodes of stores made before format 5.
     meta: Arc<Meta>,
     /// Decoded nodes (see [`TwoGenCache`]).
     cache: TwoGenCache<ChunkId, Arc<Entries>>,
-    pins: Arc<Pins>,
 }
 
 /// Number of blocks a slot at `level` covers.
@@ -150,11 +161,24 @@ fn set(entries: &mut Entries, slot: u8, value: Option<(ChunkId, u64)>) {
 }
 
 impl BlockMaps {
-    pub fn new(meta: Arc<Meta>, pins: Arc<Pins>) -> Self {
+    pub fn new(chunks: Arc<ChunkStore>, meta: Arc<Meta>) -> Self {
         BlockMaps {
+            chunks,
             meta,
             cache: TwoGenCache::new(NODE_CACHE_GENERATION),
-            pins,
+        }
+    }
+
+    /// The stored bytes of node `id` (verified against its name), if it is stored.
+    pub(crate) fn node_bytes(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        match self.chunks.get_in(Index::Nodes, id)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => match self.meta.legacy_node(id)? {
+                Some(bytes) if ChunkId::of(&bytes) != *id => Err(FsError::Meta(format!(
+                    "block-map node {id}: stored bytes do not match its hash"
+                ))),
+                other => Ok(other),
+            },
         }
     }
 
@@ -164,8 +188,7 @@ impl BlockMaps {
             return Ok(e);
         }
         let bytes = self
-            .meta
-            .node(id)?
+            .node_bytes(id)?
             .ok_or_else(|| FsError::Meta(format!("block-map node {id} is missing")))?;
         let entries = Arc::new(decode(id, &bytes)?);
         self.cache_put(*id, entries.clone());
@@ -174,7 +197,8 @@ impl BlockMaps {
 
     /// Drops node `id` from the cache; GC calls it for every node it removes. (A node GC
     /// removed may come back into the cache through a racing lookup; harmless: a node is
-    /// named by its content, and `store` writes a node even when it is cached.)
+    /// named by its content, and [`BlockMaps::write`] stores a node the index lacks even
+    /// when it is cached.)
     pub(crate) fn forget(&self, id: &ChunkId) {
         self.cache.remove(id);
     }
@@ -183,18 +207,16 @@ impl BlockMaps {
         self.cache.insert(id, entries);
     }
 
-    /// Stores a node (unless empty) and returns its slot value for the parent.
-    fn store(&self, level: u8, entries: Entries, batch: &mut Batch) -> Option<(ChunkId, u64)> {
+    /// Encodes a node (unless empty) into `new` and returns its slot value for the
+    /// parent; [`BlockMaps::write`] stores the nodes.
+    fn store(&self, level: u8, entries: Entries, new: &mut NewNodes) -> Option<(ChunkId, u64)> {
         if entries.is_empty() {
             return None;
         }
         let bytes = encode(level, &entries);
         let id = ChunkId::of(&bytes);
         let count = entries.iter().map(|e| e.count).sum();
-        self.pins.pin(&id);
-        // Always written, even when cached: the cache may hold a node whose batch never
-        // committed (a full disk) or that GC has since removed.
-        self.meta.put_node(batch, &id, bytes);
+        new.push((id, bytes));
         if !self.cache.contains(&id) {
             self.cache_put(id, Arc::new(entries));
         }
@@ -214,7 +236,7 @@ impl BlockMaps {
         &self,
         root: Option<MapRoot>,
         max_idx: u64,
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<MapRoot>> {
         let Some(mut r) = root else { return Ok(None) };
         while max_idx >= capacity(r.depth) {
@@ -227,7 +249,7 @@ impl BlockMaps {
                 count: r.blocks,
             }];
             let (node, blocks) = self
-                .store(r.depth + 1, entries, batch)
+                .store(r.depth + 1, entries, new)
                 .unwrap_or((r.node, r.blocks));
             r = MapRoot {
                 node,
@@ -269,23 +291,71 @@ impl BlockMaps {
     }
 
     /// Applies `changes` (block index -> chunk, or `None` for a hole) and returns the new
-    /// root. New nodes are added to `batch`.
+    /// root; its new nodes are stored.
     pub fn update(
         &self,
         root: Option<MapRoot>,
         changes: &BTreeMap<u64, Option<ChunkId>>,
-        batch: &mut Batch,
+    ) -> Result<Option<MapRoot>> {
+        let mut new = NewNodes::new();
+        let root = self.update_in(root, changes, &mut new)?;
+        self.write(new)?;
+        Ok(root)
+    }
+
+    /// Makes blocks `[start, end)` holes; the new nodes are stored.
+    pub fn clear_range(
+        &self,
+        root: Option<MapRoot>,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<MapRoot>> {
+        let mut new = NewNodes::new();
+        let root = self.clear_range_in(root, start, end, &mut new)?;
+        self.write(new)?;
+        Ok(root)
+    }
+
+    /// Makes blocks `[start, end)` of `dst` equal to those of `src`, sharing whole
+    /// subtrees; the new nodes are stored.
+    pub fn graft(
+        &self,
+        dst: Option<MapRoot>,
+        src: Option<MapRoot>,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<MapRoot>> {
+        let mut new = NewNodes::new();
+        let root = self.graft_in(dst, src, start, end, &mut new)?;
+        self.write(new)?;
+        Ok(root)
+    }
+
+    /// Stores the nodes a change encoded, pinned for a running collection, skipping
+    /// those the node index has (a cached node may have been removed by GC: the index,
+    /// not the cache, decides).
+    fn write(&self, new: NewNodes) -> Result<()> {
+        let refs: Vec<(ChunkId, &[u8])> = new.iter().map(|(id, b)| (*id, &b[..])).collect();
+        self.chunks.put_nodes(&refs)?;
+        Ok(())
+    }
+
+    fn update_in(
+        &self,
+        root: Option<MapRoot>,
+        changes: &BTreeMap<u64, Option<ChunkId>>,
+        new: &mut NewNodes,
     ) -> Result<Option<MapRoot>> {
         let Some((&max_idx, _)) = changes.iter().next_back() else {
             return Ok(root);
         };
         let changes: Vec<(u64, Option<ChunkId>)> = changes.iter().map(|(k, v)| (*k, *v)).collect();
-        let root = self.grow(root, max_idx, batch)?;
+        let root = self.grow(root, max_idx, new)?;
         let depth = match root {
             Some(r) => r.depth,
             None => Self::depth_for(max_idx)?,
         };
-        let value = self.update_node(root.map(|r| r.node), depth, 0, &changes, batch)?;
+        let value = self.update_node(root.map(|r| r.node), depth, 0, &changes, new)?;
         Ok(Self::root_of(value, depth))
     }
 
@@ -295,7 +365,7 @@ impl BlockMaps {
         level: u8,
         base: u64,
         changes: &[(u64, Option<ChunkId>)],
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<(ChunkId, u64)>> {
         let mut entries: Entries = match node {
             Some(id) => (*self.load(&id)?).clone(),
@@ -315,27 +385,26 @@ impl BlockMaps {
                 let (group, tail) = rest.split_at(n);
                 rest = tail;
                 let child = find(&entries, slot as u8).map(|e| e.id);
-                let value = self.update_node(child, level - 1, child_base, group, batch)?;
+                let value = self.update_node(child, level - 1, child_base, group, new)?;
                 set(&mut entries, slot as u8, value);
             }
         }
-        Ok(self.store(level, entries, batch))
+        Ok(self.store(level, entries, new))
     }
 
-    /// Makes blocks `[start, end)` holes.
-    pub fn clear_range(
+    fn clear_range_in(
         &self,
         root: Option<MapRoot>,
         start: u64,
         end: u64,
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<MapRoot>> {
         let Some(r) = root else { return Ok(None) };
         let end = end.min(capacity(r.depth));
         if start >= end {
             return Ok(root);
         }
-        let value = self.clear_node(r.node, r.depth, 0, start, end, batch)?;
+        let value = self.clear_node(r.node, r.depth, 0, start, end, new)?;
         Ok(Self::root_of(value, r.depth))
     }
 
@@ -346,7 +415,7 @@ impl BlockMaps {
         base: u64,
         start: u64,
         end: u64,
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<(ChunkId, u64)>> {
         let old = self.load(&node)?;
         let sp = span(level);
@@ -361,9 +430,7 @@ impl BlockMaps {
                 changed = true;
             } else {
                 changed = true;
-                if let Some((id, count)) =
-                    self.clear_node(e.id, level - 1, lo, start, end, batch)?
-                {
+                if let Some((id, count)) = self.clear_node(e.id, level - 1, lo, start, end, new)? {
                     entries.push(Entry {
                         slot: e.slot,
                         id,
@@ -375,30 +442,29 @@ impl BlockMaps {
         if !changed {
             return Ok(Some((node, old.iter().map(|e| e.count).sum())));
         }
-        Ok(self.store(level, entries, batch))
+        Ok(self.store(level, entries, new))
     }
 
-    /// Makes blocks `[start, end)` of `dst` equal to those of `src`, sharing whole subtrees.
-    pub fn graft(
+    fn graft_in(
         &self,
         dst: Option<MapRoot>,
         src: Option<MapRoot>,
         start: u64,
         end: u64,
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<MapRoot>> {
         if start >= end {
             return Ok(dst);
         }
         let Some(s) = src else {
-            return self.clear_range(dst, start, end, batch);
+            return self.clear_range_in(dst, start, end, new);
         };
         // Bring both trees to one depth that covers the range.
         let need = Self::depth_for(end - 1)?
             .max(s.depth)
             .max(dst.map(|d| d.depth).unwrap_or(1));
-        let s = self.grow(Some(s), capacity(need) - 1, batch)?;
-        let d = self.grow(dst, capacity(need) - 1, batch)?;
+        let s = self.grow(Some(s), capacity(need) - 1, new)?;
+        let d = self.grow(dst, capacity(need) - 1, new)?;
         let value = self.graft_node(
             d.map(|r| r.node),
             s.map(|r| (r.node, r.blocks)),
@@ -406,7 +472,7 @@ impl BlockMaps {
             0,
             start,
             end,
-            batch,
+            new,
         )?;
         Ok(Self::root_of(value, need))
     }
@@ -420,7 +486,7 @@ impl BlockMaps {
         base: u64,
         start: u64,
         end: u64,
-        batch: &mut Batch,
+        new: &mut NewNodes,
     ) -> Result<Option<(ChunkId, u64)>> {
         let sp = span(level);
         let node_end = base + sp * FANOUT;
@@ -463,14 +529,14 @@ impl BlockMaps {
                     lo,
                     start,
                     end,
-                    batch,
+                    new,
                 )?
             };
             if let Some((id, count)) = value {
                 entries.push(Entry { slot, id, count });
             }
         }
-        Ok(self.store(level, entries, batch))
+        Ok(self.store(level, entries, new))
     }
 
     /// The first data block at or after `from`, if any.
@@ -618,11 +684,14 @@ impl BlockMaps {
 mod tests {
     use super::*;
 
-    fn maps() -> (tempfile::TempDir, Arc<Meta>, BlockMaps) {
+    fn maps() -> (tempfile::TempDir, BlockMaps) {
         let dir = tempfile::tempdir().unwrap();
         let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let maps = BlockMaps::new(meta.clone(), Arc::default());
-        (dir, meta, maps)
+        let packs = dir.path().join("packs");
+        std::fs::create_dir(&packs).unwrap();
+        let chunks = Arc::new(ChunkStore::open(&packs, meta.clone(), Arc::default()).unwrap());
+        let maps = BlockMaps::new(chunks, meta);
+        (dir, maps)
     }
 
     fn c(n: u64) -> ChunkId {
@@ -631,28 +700,19 @@ mod tests {
 
     fn apply(
         maps: &BlockMaps,
-        meta: &Meta,
         root: Option<MapRoot>,
         ch: &[(u64, Option<u64>)],
     ) -> Option<MapRoot> {
         let changes: BTreeMap<u64, Option<ChunkId>> =
             ch.iter().map(|(i, v)| (*i, v.map(c))).collect();
-        let mut b = Batch::default();
-        let r = maps.update(root, &changes, &mut b).unwrap();
-        meta.commit(b).unwrap();
-        r
+        maps.update(root, &changes).unwrap()
     }
 
     #[test]
     fn sparse_far_blocks_and_counts() {
-        let (_d, meta, maps) = maps();
+        let (_d, maps) = maps();
         let far = (16u64 << 40) / 4096 - 1; // last block of a 16 TiB file at 4K
-        let r = apply(
-            &maps,
-            &meta,
-            None,
-            &[(0, Some(1)), (far, Some(2)), (300, Some(3))],
-        );
+        let r = apply(&maps, None, &[(0, Some(1)), (far, Some(2)), (300, Some(3))]);
         let r2 = r.unwrap();
         assert_eq!(r2.blocks, 3);
         assert_eq!(maps.lookup(r, far).unwrap(), Some(c(2)));
@@ -662,9 +722,7 @@ mod tests {
         assert_eq!(maps.next_hole(r, 0).unwrap(), 1);
         assert_eq!(maps.next_hole(r, 300).unwrap(), 301);
         // Clearing a huge range drops subtrees without visiting blocks.
-        let mut b = Batch::default();
-        let r3 = maps.clear_range(r, 1, u64::MAX, &mut b).unwrap();
-        meta.commit(b).unwrap();
+        let r3 = maps.clear_range(r, 1, u64::MAX).unwrap();
         assert_eq!(r3.unwrap().blocks, 1);
         assert_eq!(maps.lookup(r3, far).unwrap(), None);
         // The old root still reads the old map: nothing was modified in place.
@@ -673,25 +731,23 @@ mod tests {
 
     #[test]
     fn full_leaf_skipped_by_next_hole() {
-        let (_d, meta, maps) = maps();
+        let (_d, maps) = maps();
         let ch: Vec<(u64, Option<u64>)> = (0..600).map(|i| (i, Some(i))).collect();
-        let r = apply(&maps, &meta, None, &ch);
+        let r = apply(&maps, None, &ch);
         assert_eq!(maps.next_hole(r, 0).unwrap(), 600);
         assert_eq!(r.unwrap().blocks, 600);
-        let r = apply(&maps, &meta, r, &[(100, None)]);
+        let r = apply(&maps, r, &[(100, None)]);
         assert_eq!(maps.next_hole(r, 0).unwrap(), 100);
         assert_eq!(r.unwrap().blocks, 599);
     }
 
     #[test]
     fn graft_shares_subtrees() {
-        let (_d, meta, maps) = maps();
+        let (_d, maps) = maps();
         let ch: Vec<(u64, Option<u64>)> = (0..70000).step_by(7).map(|i| (i, Some(i))).collect();
-        let src = apply(&maps, &meta, None, &ch);
-        let dst = apply(&maps, &meta, None, &[(5, Some(99999)), (69999, Some(5))]);
-        let mut b = Batch::default();
-        let g = maps.graft(dst, src, 256, 65536, &mut b).unwrap();
-        meta.commit(b).unwrap();
+        let src = apply(&maps, None, &ch);
+        let dst = apply(&maps, None, &[(5, Some(99999)), (69999, Some(5))]);
+        let g = maps.graft(dst, src, 256, 65536).unwrap();
         for i in [0u64, 5, 7, 256, 259, 1000, 65534, 65535, 65536, 69999] {
             let want = if (256..65536).contains(&i) {
                 maps.lookup(src, i).unwrap()
@@ -701,19 +757,21 @@ mod tests {
             assert_eq!(maps.lookup(g, i).unwrap(), want, "block {i}");
         }
         // A whole-range graft of identical trees is the same root.
-        let mut b = Batch::default();
-        let whole = maps.graft(None, src, 0, 1 << 20, &mut b).unwrap();
+        let whole = maps.graft(None, src, 0, 1 << 20).unwrap();
         assert_eq!(
             whole.unwrap().node,
-            maps.grow(src, (1 << 20) - 1, &mut b).unwrap().unwrap().node
+            maps.grow(src, (1 << 20) - 1, &mut Vec::new())
+                .unwrap()
+                .unwrap()
+                .node
         );
     }
 
     #[test]
     fn identical_content_is_one_node() {
-        let (_d, meta, maps) = maps();
-        let a = apply(&maps, &meta, None, &[(3, Some(1)), (4, Some(2))]);
-        let b = apply(&maps, &meta, None, &[(4, Some(2)), (3, Some(1))]);
+        let (_d, maps) = maps();
+        let a = apply(&maps, None, &[(3, Some(1)), (4, Some(2))]);
+        let b = apply(&maps, None, &[(4, Some(2)), (3, Some(1))]);
         assert_eq!(a, b);
     }
 }

@@ -29,7 +29,7 @@ use crate::cache::TwoGenCache;
 use crate::error::{FsError, Result};
 use crate::gc::Pins;
 use crate::ids::ChunkId;
-use crate::meta::{ChunkLoc, Meta};
+use crate::meta::{ChunkLoc, Index, Meta};
 use filter::Presence;
 use pack::ActivePack;
 
@@ -154,12 +154,14 @@ impl ChunkStore {
         self.presence.bytes()
     }
 
-    /// Records a found copy of a chunk in the index (fsck's repair).
-    pub(crate) fn restore_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
+    /// Records a found copy of a record of `index` (fsck's repair, intent-log replay).
+    pub(crate) fn restore_loc(&self, index: Index, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
         let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        self.presence.insert(id);
+        if index == Index::Chunks {
+            self.presence.insert(id);
+        }
         self.locs.remove(id);
-        self.meta.put_chunk_loc(id, loc)
+        self.meta.put_locs(index, &[(*id, *loc)])
     }
 
     /// Drops cached locations of chunks a collection removed or moved.
@@ -169,12 +171,14 @@ impl ChunkStore {
         }
     }
 
-    /// Where chunk `id` is, for a read: the location cache, else the index.
-    fn read_place(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+    /// Where record `id` of `index` is, for a read: the location cache (shared by both
+    /// indexes: a name is the hash of the bytes, so any copy it finds is the right one),
+    /// else the index.
+    fn read_place(&self, index: Index, id: &ChunkId) -> Result<Option<ChunkLoc>> {
         if let Some(loc) = self.locs.get(id) {
             return Ok(Some(loc));
         }
-        let loc = self.meta.chunk_loc(id)?;
+        let loc = self.meta.loc(index, id)?;
         if let Some(loc) = loc {
             self.locs.insert(*id, loc);
         }
@@ -205,14 +209,30 @@ impl ChunkStore {
     /// records go to the pack in one write per pack and their index entries in one
     /// metadata batch. Returns how many were new.
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> Result<usize> {
+        self.put_in(Index::Chunks, chunks)
+    }
+
+    /// Stores block-map nodes (named by the hash of their encoding) like chunks, under
+    /// the node index. Returns how many were new.
+    pub(crate) fn put_nodes(&self, nodes: &[(ChunkId, &[u8])]) -> Result<usize> {
+        self.put_in(Index::Nodes, nodes)
+    }
+
+    /// Whether `index` may hold `id` (the presence filter covers chunks only).
+    fn maybe_has(&self, index: Index, id: &ChunkId) -> Result<bool> {
+        if index == Index::Chunks && !self.presence.may_contain(id) {
+            return Ok(false);
+        }
+        Ok(self.meta.loc(index, id)?.is_some())
+    }
+
+    fn put_in(&self, index: Index, chunks: &[(ChunkId, &[u8])]) -> Result<usize> {
         let mut new: Vec<(ChunkId, &[u8])> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for &(id, data) in chunks {
-            // Pinned first: a collection deciding this chunk's fate now must keep it.
+            // Pinned first: a collection deciding this record's fate now must keep it.
             self.pins.pin(&id);
-            if seen.insert(id)
-                && (!self.presence.may_contain(&id) || self.meta.chunk_loc(&id)?.is_none())
-            {
+            if seen.insert(id) && !self.maybe_has(index, &id)? {
                 new.push((id, data));
             }
         }
@@ -226,12 +246,12 @@ impl ChunkStore {
         for (id, data) in new {
             // Checked again under the lock: another writer may have stored it meanwhile
             // (and then set its filter bits under this lock).
-            if self.presence.may_contain(&id) && self.meta.chunk_loc(&id)?.is_some() {
+            if self.maybe_has(index, &id)? {
                 continue;
             }
             let rec_len = pack::HEADER_LEN + data.len() as u64;
             if !group.is_empty() && active.len + group_len + rec_len > PACK_TARGET {
-                locs.extend(self.append_group_locked(&mut active, &group)?);
+                locs.extend(self.append_group_locked(&mut active, index, &group)?);
                 group.clear();
                 group_len = 0;
             }
@@ -239,13 +259,15 @@ impl ChunkStore {
             group_len += rec_len;
         }
         if !group.is_empty() {
-            locs.extend(self.append_group_locked(&mut active, &group)?);
+            locs.extend(self.append_group_locked(&mut active, index, &group)?);
         }
         for (id, loc) in &locs {
-            self.presence.insert(id);
+            if index == Index::Chunks {
+                self.presence.insert(id);
+            }
             self.locs.insert(*id, *loc);
         }
-        self.meta.put_chunk_locs(&locs)?;
+        self.meta.put_locs(index, &locs)?;
         Ok(locs.len())
     }
 
@@ -254,12 +276,17 @@ impl ChunkStore {
     fn append_group_locked(
         &self,
         active: &mut ActivePack,
+        index: Index,
         group: &[(ChunkId, &[u8])],
     ) -> Result<Vec<(ChunkId, ChunkLoc)>> {
         if active.len >= PACK_TARGET {
             *active = self.new_pack(active.id + 1)?;
         }
-        let offsets = active.append_many(group)?;
+        let kind = match index {
+            Index::Chunks => pack::Kind::Chunk,
+            Index::Nodes => pack::Kind::Node,
+        };
+        let offsets = active.append_many(kind, group)?;
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -280,21 +307,29 @@ impl ChunkStore {
 
     /// Reads and verifies chunk `id`.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.read_place(id)?.ok_or_else(|| FsError::Corrupt {
-            chunk: *id,
-            detail: "referenced but missing from the index".into(),
-        })?;
+        self.get_in(Index::Chunks, id)?
+            .ok_or_else(|| FsError::Corrupt {
+                chunk: *id,
+                detail: "referenced but missing from the index".into(),
+            })
+    }
+
+    /// Reads and verifies record `id` of `index`; `None` if the index has no entry.
+    pub(crate) fn get_in(&self, index: Index, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let Some(loc) = self.read_place(index, id)? else {
+            return Ok(None);
+        };
         match self.read_loc(id, &loc) {
-            Ok(data) => Ok(data),
+            Ok(data) => Ok(Some(data)),
             Err(e) => {
-                // GC compaction may have moved the chunk and deleted its old pack since
+                // GC compaction may have moved the record and deleted its old pack since
                 // the location was looked up or cached: retry where the index says, once.
                 self.locs.remove(id);
-                match self.meta.chunk_loc(id)? {
+                match self.meta.loc(index, id)? {
                     Some(now) if now != loc => {
                         let data = self.read_loc(id, &now)?;
                         self.locs.insert(*id, now);
-                        Ok(data)
+                        Ok(Some(data))
                     }
                     _ => Err(e),
                 }
@@ -314,7 +349,7 @@ impl ChunkStore {
     ) -> Result<()> {
         let mut locs = Vec::with_capacity(ids.len());
         for id in ids {
-            locs.push(self.read_place(id)?);
+            locs.push(self.read_place(Index::Chunks, id)?);
         }
         let mut i = 0;
         while i < ids.len() {
@@ -580,12 +615,12 @@ impl ChunkStore {
         Ok(Some((old.id, old.len)))
     }
 
-    /// Appends a copy of chunk `id` (already verified `data`) to the active pack without
-    /// touching the index; compaction syncs, then repoints the index entry
-    /// ([`Meta::replace_chunk_loc`]).
-    pub(crate) fn append_copy(&self, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
+    /// Appends a copy of record `id` of `index` (already verified `data`) to the active
+    /// pack without touching the index; compaction syncs, then repoints the index entry
+    /// ([`Meta::replace_loc`]).
+    pub(crate) fn append_copy(&self, index: Index, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let mut locs = self.append_group_locked(&mut active, &[(*id, data)])?;
+        let mut locs = self.append_group_locked(&mut active, index, &[(*id, data)])?;
         Ok(locs.remove(0).1)
     }
 
@@ -678,13 +713,13 @@ mod tests {
         );
         let old = meta.chunk_loc(&id).unwrap().unwrap();
         let new = cs
-            .append_copy(&id, &cs.read_loc(&id, &old).unwrap())
+            .append_copy(Index::Chunks, &id, &cs.read_loc(&id, &old).unwrap())
             .unwrap();
         assert_eq!(new.pack, 1);
         cs.sync().unwrap();
         // Only an entry that still points at the old copy is repointed.
-        assert!(!meta.replace_chunk_loc(&id, &new, &old).unwrap());
-        assert!(meta.replace_chunk_loc(&id, &old, &new).unwrap());
+        assert!(!meta.replace_loc(Index::Chunks, &id, &new, &old).unwrap());
+        assert!(meta.replace_loc(Index::Chunks, &id, &old, &new).unwrap());
         assert_eq!(cs.remove_pack(0).unwrap(), 4096 + pack::HEADER_LEN);
         assert!(cs.read_loc(&id, &old).is_err());
         assert_eq!(cs.get(&id).unwrap(), a);
@@ -721,9 +756,9 @@ mod tests {
         // A chunk moved behind the cache's back (its old pack deleted) is still read.
         assert_eq!(cs.get(&ia).unwrap(), a, "caches the location");
         let old = meta.chunk_loc(&ia).unwrap().unwrap();
-        let new = cs.append_copy(&ia, &a).unwrap();
+        let new = cs.append_copy(Index::Chunks, &ia, &a).unwrap();
         cs.sync().unwrap();
-        assert!(meta.replace_chunk_loc(&ia, &old, &new).unwrap());
+        assert!(meta.replace_loc(Index::Chunks, &ia, &old, &new).unwrap());
         cs.remove_pack(old.pack).unwrap();
         assert_eq!(
             cs.get(&ia).unwrap(),
@@ -739,7 +774,7 @@ mod tests {
         assert_eq!(seen, vec![(0, a.clone()), (1, c.clone())]);
         // A chunk removed from the index (as a collection does) is stored again, though
         // its location is cached and its filter bits are set.
-        meta.remove_chunk_locs(&[ic]).unwrap();
+        meta.remove_locs(Index::Chunks, &[ic]).unwrap();
         assert!(cs.put_hashed(ic, &c).unwrap(), "stored again");
         assert_eq!(cs.get(&ic).unwrap(), c);
     }

@@ -11,11 +11,14 @@ use crate::error::{FsError, Result};
 
 /// The on-disk format this build writes. 3: packs also hold intent-log records; 4: also
 /// log records of written bytes (`TFW1`, which a format-3 build would take for a torn
-/// tail and stop its replay at).
-pub const FORMAT_VERSION: u32 = 4;
+/// tail and stop its replay at); 5: block-map nodes are records in the packs (`TFN1`)
+/// under their own index, no longer values in the metadata store (a format-4 build
+/// would find them missing).
+pub const FORMAT_VERSION: u32 = 5;
 /// Older formats this build opens (and upgrades at the first read-write open: each is
-/// format 4 without some kinds of log record).
-pub const UPGRADES_FROM: [u32; 2] = [2, 3];
+/// format 5 without some kinds of pack record; their nodes in the metadata store are
+/// still read, and removed by GC once unreachable).
+pub const UPGRADES_FROM: [u32; 3] = [2, 3, 4];
 /// Name of the identity file inside a store.
 pub const CONFIG_FILE: &str = "thinfs.toml";
 /// Default logical block size (see the fleet benchmark in scripts/bench.sh).

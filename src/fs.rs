@@ -267,7 +267,7 @@ pub struct Datastore {
     root: PathBuf,
     cfg: StoreConfig,
     meta: Arc<Meta>,
-    chunks: ChunkStore,
+    chunks: Arc<ChunkStore>,
     maps: BlockMaps,
     inodes: DashMap<InodeNo, StateRef>,
     ns: Mutex<()>,
@@ -364,8 +364,8 @@ impl Datastore {
         let lock = lock_store(path)?;
         let mut cfg = cfg;
         if crate::config::UPGRADES_FROM.contains(&cfg.format_version) {
-            // Before anything is written: this build's packs carry log records that an
-            // older build would not replay.
+            // Before anything is written: this build's packs carry log records and
+            // block-map nodes that an older build would not read.
             cfg.format_version = crate::config::FORMAT_VERSION;
             cfg.save(path)?;
         }
@@ -378,10 +378,14 @@ impl Datastore {
             )));
         }
         let pins = Arc::new(Pins::default());
-        let chunks = ChunkStore::open(&path.join("packs"), meta.clone(), pins.clone())?;
+        let chunks = Arc::new(ChunkStore::open(
+            &path.join("packs"),
+            meta.clone(),
+            pins.clone(),
+        )?);
         let ds = Arc::new(Datastore {
             root: path.to_path_buf(),
-            maps: BlockMaps::new(meta.clone(), pins.clone()),
+            maps: BlockMaps::new(chunks.clone(), meta.clone()),
             gc_gate: RwLock::new(()),
             space: crate::space::SpaceGuard::new(path.to_path_buf()),
             snapdir,

@@ -30,7 +30,7 @@ use crate::chunk::pack;
 use crate::error::Result;
 use crate::fs::{Datastore, OpenOptions};
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{ChunkLoc, FileKind, MapRoot};
+use crate::meta::{ChunkLoc, FileKind, Index, MapRoot};
 use crate::scrub::{self, DamagedBlock, DamagedChunk, DamagedNode, NodeCheck, MAX_LISTED};
 
 /// What one pass of checks found.
@@ -190,14 +190,19 @@ pub(crate) fn check(ds: &Datastore) -> Result<Findings> {
             });
         }
     }
-    for id in meta.node_ids() {
-        if !walker.memo.contains_key(&id?) {
-            f.leaked_nodes += 1;
-        }
+    // Nodes in the packs count as live pack bytes whether reachable or not (GC removes
+    // the unreachable ones' entries; compaction then their bytes).
+    let mut indexed_live: HashMap<u32, u64> = HashMap::new();
+    for entry in meta.locs(Index::Nodes) {
+        let (id, loc) = entry?;
+        *indexed_live.entry(loc.pack).or_default() += loc.len as u64 + pack::HEADER_LEN;
+        f.leaked_nodes += !walker.memo.contains_key(&id) as u64;
+    }
+    for id in meta.legacy_node_ids() {
+        f.leaked_nodes += !walker.memo.contains_key(&id?) as u64;
     }
     let referenced = walker.chunks;
     // ---- chunk index ----
-    let mut indexed_live: HashMap<u32, u64> = HashMap::new();
     let mut bad_chunks: HashSet<ChunkId> = HashSet::new();
     let mut seen_refs = 0u64;
     for entry in meta.chunk_locs() {
@@ -460,7 +465,7 @@ fn rebuild_index(ds: &Datastore, mut targets: HashSet<ChunkId>) -> Result<Repair
             } else {
                 r.entries_restored += 1;
             }
-            ds.chunks().restore_loc(&rec.id, &loc)?;
+            ds.chunks().restore_loc(Index::Chunks, &rec.id, &loc)?;
             targets.remove(&rec.id);
         }
     }
@@ -596,17 +601,10 @@ mod tests {
     fn missing_node_is_an_error() {
         let (_d, store, _) = store();
         {
-            let ds = Datastore::open(&store, &opts()).unwrap();
-            let d = ds.lookup(InodeNo::ROOT, b"b").unwrap();
-            let root = ds
-                .meta()
-                .inode(d.ino, crate::meta::View::Live)
-                .unwrap()
-                .unwrap()
-                .map
-                .unwrap();
-            ds.meta().remove_node(&root.node).unwrap();
-            ds.meta().flush().unwrap();
+            let root = root_of_b(&store);
+            let meta = crate::meta::Meta::open(&store.join("meta")).unwrap();
+            meta.remove_locs(Index::Nodes, &[root.node]).unwrap();
+            meta.flush().unwrap();
         }
         let r = fsck(&store, true).unwrap();
         assert!(!r.clean);
@@ -616,5 +614,94 @@ mod tests {
             .damaged_blocks
             .iter()
             .any(|b| b.node && b.path.as_deref() == Some("/b")));
+    }
+
+    /// The map root of `/b` in `store` (closed).
+    fn root_of_b(store: &Path) -> MapRoot {
+        let ds = Datastore::open(store, &opts()).unwrap();
+        let d = ds.lookup(InodeNo::ROOT, b"b").unwrap();
+        let inode = ds.meta().inode(d.ino, crate::meta::View::Live).unwrap();
+        inode.unwrap().map.unwrap()
+    }
+
+    #[test]
+    fn damaged_node_record_in_a_pack_is_named() {
+        let (_d, store, _) = store();
+        let root = root_of_b(&store);
+        let loc = {
+            let meta = crate::meta::Meta::open(&store.join("meta")).unwrap();
+            meta.loc(Index::Nodes, &root.node).unwrap().unwrap()
+        };
+        let pack = pack::pack_path(&store.join("packs"), loc.pack);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[loc.offset as usize + 5] ^= 0x40;
+        std::fs::write(&pack, bytes).unwrap();
+        let r = fsck(&store, false).unwrap();
+        assert!(!r.clean);
+        assert_eq!(r.found.bad_nodes.len(), 1, "{r:#?}");
+        assert_eq!(r.found.bad_nodes[0].node, root.node.to_hex());
+        assert!(
+            r.found.bad_nodes[0].detail.contains("hash mismatch"),
+            "{r:#?}"
+        );
+        assert!(r
+            .found
+            .damaged_blocks
+            .iter()
+            .any(|b| b.node && b.path.as_deref() == Some("/b")));
+    }
+
+    /// A store of format 4 kept its block-map nodes in the metadata store: this build
+    /// reads them, writes new nodes to the packs, and GC removes the old ones once no
+    /// map reaches them.
+    #[test]
+    fn nodes_of_a_format_4_store_are_read_and_collected() {
+        let (_d, store, data) = store();
+        // Turn the store into what format 4 wrote: every node in the metadata store.
+        {
+            let ds = Datastore::open(&store, &opts()).unwrap();
+            let meta = ds.meta();
+            let locs: Vec<_> = meta.locs(Index::Nodes).map(|e| e.unwrap()).collect();
+            assert!(locs.len() >= 3, "{locs:?}");
+            for (id, loc) in &locs {
+                let bytes = ds.chunks().read_loc(id, loc).unwrap();
+                meta.put_legacy_node(id, &bytes).unwrap();
+            }
+            let ids: Vec<ChunkId> = locs.iter().map(|(id, _)| *id).collect();
+            meta.remove_locs(Index::Nodes, &ids).unwrap();
+            meta.flush().unwrap();
+        }
+        let toml = store.join(crate::config::CONFIG_FILE);
+        let text = std::fs::read_to_string(&toml).unwrap();
+        let old = text.replace(
+            &format!("format_version = {}", crate::config::FORMAT_VERSION),
+            "format_version = 4",
+        );
+        assert_ne!(old, text);
+        std::fs::write(&toml, old).unwrap();
+        let ds = Datastore::open(&store, &opts()).unwrap();
+        let a = ds.lookup(InodeNo::ROOT, b"a2").unwrap().ino;
+        assert_eq!(ds.read(a, 0, data.len() as u32).unwrap(), data);
+        let legacy = ds.meta().legacy_node_ids().count();
+        assert!(legacy >= 3);
+        // A change of `a` writes its new path to the packs; its old path is garbage.
+        ds.write(a, 0, &[7u8; 100]).unwrap();
+        ds.sync_all().unwrap();
+        assert!(ds.meta().locs(Index::Nodes).count() >= 1);
+        let r = crate::gc::collect(&ds, &Default::default(), &|_| {}).unwrap();
+        assert!(r.nodes_freed >= 1, "{r:?}");
+        assert!(ds.meta().legacy_node_ids().count() < legacy);
+        let mut want = data.clone();
+        want[..100].fill(7);
+        assert_eq!(ds.read(a, 0, data.len() as u32).unwrap(), want);
+        drop(ds);
+        let text = std::fs::read_to_string(&toml).unwrap();
+        assert!(text.contains(&format!(
+            "format_version = {}",
+            crate::config::FORMAT_VERSION
+        )));
+        let r = fsck(&store, false).unwrap();
+        assert!(r.clean, "{r:#?}");
+        assert_eq!(r.found.leaked_nodes, 0, "{r:#?}");
     }
 }

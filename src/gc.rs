@@ -46,7 +46,7 @@ use crate::chunk::pack;
 use crate::error::{FsError, Result};
 use crate::fs::Datastore;
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{ChunkLoc, Inode};
+use crate::meta::{ChunkLoc, Index, Inode};
 
 /// Ids written or reused while a collection runs; the sweep keeps them.
 #[derive(Default)]
@@ -343,7 +343,7 @@ fn mark(
     Ok((chunks, nodes))
 }
 
-/// Removes unmarked, unpinned index entries and nodes.
+/// Removes unmarked, unpinned index entries (chunks and nodes) and legacy nodes.
 fn sweep(
     ds: &Datastore,
     marked_chunks: &HashSet<ChunkId>,
@@ -362,47 +362,57 @@ fn sweep(
             chunk_len.insert(id, loc.len);
         }
     }
-    let mut node_cands = Vec::new();
-    for id in meta.node_ids() {
-        let id = id?;
-        if !marked_nodes.contains(&id) {
-            node_cands.push(id);
+    let unmarked_nodes = |ids: &mut dyn Iterator<Item = Result<ChunkId>>| -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for id in ids {
+            let id = id?;
+            if !marked_nodes.contains(&id) {
+                out.push(id);
+            }
         }
-    }
+        Ok(out)
+    };
+    let node_cands = unmarked_nodes(&mut meta.locs(Index::Nodes).map(|e| e.map(|(id, _)| id)))?;
+    let legacy_cands = unmarked_nodes(&mut meta.legacy_node_ids())?;
     let chunk_cands: Vec<ChunkId> = chunk_len.keys().copied().collect();
-    let total = (chunk_cands.len() + node_cands.len()) as u64;
+    let total = (chunk_cands.len() + node_cands.len() + legacy_cands.len()) as u64;
     let mut done = 0u64;
+    let mut step = |batch_len: usize, freed: usize, report: &mut GcReport| -> Result<()> {
+        report.kept_pinned += (batch_len - freed) as u64;
+        done += batch_len as u64;
+        progress(GcProgress {
+            phase: GcPhase::Sweep,
+            done,
+            total,
+        });
+        fp(GcStep::Swept)
+    };
     for batch in chunk_cands.chunks(SWEEP_BATCH) {
-        let freed = pins.remove_unpinned(batch, |free| meta.remove_chunk_locs(free))?;
+        let freed = pins.remove_unpinned(batch, |free| meta.remove_locs(Index::Chunks, free))?;
         ds.chunks().forget_locs(&freed);
         report.chunks_freed += freed.len() as u64;
         report.chunk_bytes_freed += freed.iter().map(|id| chunk_len[id] as u64).sum::<u64>();
-        report.kept_pinned += (batch.len() - freed.len()) as u64;
-        done += batch.len() as u64;
-        progress(GcProgress {
-            phase: GcPhase::Sweep,
-            done,
-            total,
-        });
-        fp(GcStep::Swept)?;
+        step(batch.len(), freed.len(), report)?;
     }
-    for batch in node_cands.chunks(SWEEP_BATCH) {
-        let freed = pins.remove_unpinned(batch, |free| {
-            meta.remove_nodes(free)?;
-            for id in free {
-                ds.maps().forget(id);
-            }
-            Ok(())
-        })?;
-        report.nodes_freed += freed.len() as u64;
-        report.kept_pinned += (batch.len() - freed.len()) as u64;
-        done += batch.len() as u64;
-        progress(GcProgress {
-            phase: GcPhase::Sweep,
-            done,
-            total,
-        });
-        fp(GcStep::Swept)?;
+    // Nodes leave the node cache with their entry: a cached node is stored again only if
+    // the index lacks it, but a removed one must not be taken for present.
+    for (cands, legacy) in [(&node_cands, false), (&legacy_cands, true)] {
+        for batch in cands.chunks(SWEEP_BATCH) {
+            let freed = pins.remove_unpinned(batch, |free| {
+                if legacy {
+                    meta.remove_legacy_nodes(free)?;
+                } else {
+                    meta.remove_locs(Index::Nodes, free)?;
+                }
+                for id in free {
+                    ds.maps().forget(id);
+                }
+                Ok(())
+            })?;
+            ds.chunks().forget_locs(&freed);
+            report.nodes_freed += freed.len() as u64;
+            step(batch.len(), freed.len(), report)?;
+        }
     }
     Ok(())
 }
@@ -435,37 +445,43 @@ impl Throttle {
     }
 }
 
+/// An index entry that points into a pack: which index, the name, where.
+type Live = (Index, ChunkId, ChunkLoc);
+
 /// A pack chosen for deletion, with the index entries that point into it.
 struct Doomed {
     pack: u32,
-    live: Vec<(ChunkId, ChunkLoc)>,
+    live: Vec<Live>,
 }
 
-/// Index entries per pack, for the packs in `packs` that `want` accepts.
+/// Index entries (chunks and nodes) per pack, for the packs in `packs` that `want`
+/// accepts.
 fn live_per_pack(
     ds: &Datastore,
     packs: &[u32],
     want: impl Fn(u32) -> bool,
-) -> Result<BTreeMap<u32, Vec<(ChunkId, ChunkLoc)>>> {
-    let mut live: BTreeMap<u32, Vec<(ChunkId, ChunkLoc)>> = packs
+) -> Result<BTreeMap<u32, Vec<Live>>> {
+    let mut live: BTreeMap<u32, Vec<Live>> = packs
         .iter()
         .filter(|p| want(**p))
         .map(|p| (*p, Vec::new()))
         .collect();
-    for entry in ds.meta().chunk_locs() {
-        let (id, loc) = entry?;
-        if let Some(v) = live.get_mut(&loc.pack) {
-            v.push((id, loc));
+    for index in Index::ALL {
+        for entry in ds.meta().locs(index) {
+            let (id, loc) = entry?;
+            if let Some(v) = live.get_mut(&loc.pack) {
+                v.push((index, id, loc));
+            }
         }
     }
     Ok(live)
 }
 
 /// Whether a pack of `size` bytes holding `entries` is due for compaction.
-fn sparse(entries: &[(ChunkId, ChunkLoc)], size: u64, threshold: f64) -> bool {
+fn sparse(entries: &[Live], size: u64, threshold: f64) -> bool {
     let live_bytes: u64 = entries
         .iter()
-        .map(|(_, l)| l.len as u64 + pack::HEADER_LEN)
+        .map(|(_, _, l)| l.len as u64 + pack::HEADER_LEN)
         .sum();
     entries.is_empty() || (live_bytes as f64) < threshold * size as f64
 }
@@ -517,13 +533,13 @@ fn compact(
     let total: u64 = doomed
         .iter()
         .flat_map(|d| d.live.iter())
-        .map(|(_, l)| l.len as u64 + pack::HEADER_LEN)
+        .map(|(_, _, l)| l.len as u64 + pack::HEADER_LEN)
         .sum();
     let mut throttle = Throttle::new(opts.max_bytes_per_sec);
     let mut copied_bytes = 0u64;
     'packs: for d in doomed {
         let mut moved = Vec::with_capacity(d.live.len());
-        for (id, loc) in &d.live {
+        for (index, id, loc) in &d.live {
             let data = match cs.read_loc(id, loc) {
                 Ok(data) => data,
                 Err(e) => {
@@ -533,7 +549,7 @@ fn compact(
                     continue 'packs;
                 }
             };
-            let new = cs.append_copy(id, &data)?;
+            let new = cs.append_copy(*index, id, &data)?;
             let n = data.len() as u64 + pack::HEADER_LEN;
             report.bytes_relocated += n;
             copied_bytes += n;
@@ -543,25 +559,26 @@ fn compact(
                 done: copied_bytes,
                 total,
             });
-            moved.push((*id, *loc, new));
+            moved.push((*index, *id, *loc, new));
         }
         if !moved.is_empty() {
             // The copies are durable before any index entry points at them.
             cs.sync()?;
             fp(GcStep::Copied(d.pack))?;
-            for (id, old, new) in &moved {
-                meta.replace_chunk_loc(id, old, new)?;
+            for (index, id, old, new) in &moved {
+                meta.replace_loc(*index, id, old, new)?;
             }
-            cs.forget_locs(moved.iter().map(|(id, _, _)| id));
+            cs.forget_locs(moved.iter().map(|(_, id, _, _)| id));
             fp(GcStep::Repointed(d.pack))?;
         }
         ds.barrier()?;
         fp(GcStep::Deleting(d.pack))?;
         // Nothing adds entries into an old pack, so the entries seen are the only ones
         // that could still point into it.
-        for (id, _) in &d.live {
-            if meta.chunk_loc(id)?.is_some_and(|l| l.pack == d.pack) {
-                tracing::warn!("gc: chunk {id} still in pack {}; keeping the pack", d.pack);
+        for (index, id, _) in &d.live {
+            if meta.loc(*index, id)?.is_some_and(|l| l.pack == d.pack) {
+                let what = index.what();
+                tracing::warn!("gc: {what} {id} still in pack {}; keeping the pack", d.pack);
                 report.packs_skipped += 1;
                 continue 'packs;
             }

@@ -469,8 +469,13 @@ fn print_stats(v: &serde_json::Value, json: bool) {
     println!("allocated    {}", human(g("allocated_bytes")));
     println!("stored       {}", human(g("stored_bytes")));
     println!("packs        {} ({})", g("packs"), human(g("pack_bytes")));
-    println!("metadata     {}", human(g("meta_bytes")));
+    println!(
+        "metadata     {} (+ {} of block-map nodes in the packs)",
+        human(g("meta_bytes")),
+        human(g("node_bytes"))
+    );
     println!("chunks       {}", g("chunks"));
+    println!("map nodes    {}", g("nodes"));
     println!(
         "garbage      {} (reclaimable by thinfs gc)",
         human(g("garbage_bytes"))

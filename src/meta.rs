@@ -153,6 +153,36 @@ impl SledFiles {
     }
 }
 
+/// The two indexes of records in the packs: both map a BLAKE3 name to a [`ChunkLoc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Index {
+    /// File data: a chunk is one block's bytes.
+    Chunks,
+    /// Block-map nodes (`crate::blockmap`): metadata, kept in the packs so that the
+    /// copy-on-write churn of overwrites is compacted with the data instead of growing
+    /// the metadata store (format 5).
+    Nodes,
+}
+
+impl Index {
+    pub const ALL: [Index; 2] = [Index::Chunks, Index::Nodes];
+
+    fn tag(self) -> u8 {
+        match self {
+            Index::Chunks => keys::CHUNK,
+            Index::Nodes => keys::NODE_LOC,
+        }
+    }
+
+    /// What its records are, for messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            Index::Chunks => "chunk",
+            Index::Nodes => "block-map node",
+        }
+    }
+}
+
 /// A set of changes committed atomically by [`Meta::commit`] (the last change of a key
 /// wins).
 #[derive(Default)]
@@ -389,31 +419,30 @@ impl Meta {
         Ok(())
     }
 
-    /// Commits a logged flush of a regular file (block-map nodes, its record, its
-    /// version: see [`Meta::put_inode_logged`]) as single writes in an order whose every
-    /// prefix is safe after a crash, instead of one atomic batch: a sled batch writes
-    /// and `sync_file_range`s its log buffer twice on sled's I/O threads (sled 0.34's
+    /// Commits a logged flush of a regular file (its record and its version: see
+    /// [`Meta::put_inode_logged`]) as single writes in an order whose every prefix is
+    /// safe after a crash, instead of one atomic batch: a sled batch writes and
+    /// `sync_file_range`s its log buffer twice on sled's I/O threads (sled 0.34's
     /// `pin_log`), which was a fifth of the cost of an fsync. sled recovers a prefix of
-    /// its log, so the order is what a crash can cut:
-    /// 1. new nodes and the new record version (nodes are named by their content and
-    ///    unreachable until the record names them: garbage if cut here);
+    /// its log, so the order is what a crash can cut (the new block-map nodes' index
+    /// entries were inserted before, by the block-map update):
+    /// 1. the new record version (its nodes are named by their content and were
+    ///    unreachable until now: garbage if cut before);
     /// 2. removals (older record versions no snapshot needs: the newest version is
     ///    already there);
     /// 3. the file version last. Cut before it, the durable version is still the one
     ///    the flush's log record replaces, so replay applies the record again over the
     ///    new record: its changes are absolute, the block map comes out the same.
     pub fn commit_logged(&self, batch: Batch) -> Result<()> {
-        let (mut nodes, mut records, mut removals, mut versions) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut records, mut removals, mut versions) = (Vec::new(), Vec::new(), Vec::new());
         for (k, v) in batch.ops {
             match (k.first().copied(), v) {
                 (_, None) => removals.push(k),
-                (Some(keys::NODE), Some(v)) => nodes.push((k, v)),
                 (Some(keys::VERSION), Some(v)) => versions.push((k, v)),
                 (_, Some(v)) => records.push((k, v)),
             }
         }
-        for (k, v) in nodes.into_iter().chain(records) {
+        for (k, v) in records {
             self.db.insert(k, v)?;
         }
         for k in removals {
@@ -681,33 +710,48 @@ impl Meta {
         Ok(self.dir_entries(parent, View::Live, None, 1)?.is_empty())
     }
 
-    // ---- chunk index and block-map nodes ----
+    // ---- location indexes (chunks, block-map nodes) and legacy nodes ----
 
-    /// Where chunk `id` is stored.
-    pub fn chunk_loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        match self.db.get(keys::chunk(id))? {
+    /// Where record `id` of `index` is stored.
+    pub fn loc(&self, index: Index, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        match self.db.get(keys::hashed(index.tag(), id))? {
             Some(v) => Ok(Some(records::decode(
                 &v,
-                &format!("index entry of chunk {id}"),
+                &format!("index entry of {} {id}", index.what()),
             )?)),
             None => Ok(None),
         }
     }
 
-    /// Records where chunk `id` is stored (committed at once; the pack bytes are written).
-    pub fn put_chunk_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
-        self.db.insert(keys::chunk(id), records::encode(loc))?;
+    /// Records where each of several records of `index` is stored. Each entry stands
+    /// alone, so they are plain inserts: a sled batch writes (and `sync_file_range`s) its
+    /// log buffer twice on sled's I/O threads, whatever its size (sled 0.34 `pin_log`).
+    pub fn put_locs(&self, index: Index, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
+        for (id, loc) in locs {
+            self.db
+                .insert(keys::hashed(index.tag(), id), records::encode(loc))?;
+        }
         Ok(())
     }
 
-    /// Records where each of several chunks is stored. Each entry stands alone, so they
-    /// are plain inserts: a sled batch writes (and `sync_file_range`s) its log buffer
-    /// twice on sled's I/O threads, whatever its size (sled 0.34 `pin_log`).
-    pub fn put_chunk_locs(&self, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
-        for (id, loc) in locs {
-            self.db.insert(keys::chunk(id), records::encode(loc))?;
-        }
-        Ok(())
+    /// Every entry of `index`.
+    pub fn locs(&self, index: Index) -> impl Iterator<Item = Result<(ChunkId, ChunkLoc)>> + '_ {
+        self.db.scan_prefix([index.tag()]).map(move |item| {
+            let (k, v) = item?;
+            let id = keys::hash_of(&k);
+            let what = format!("index entry of {} {id}", index.what());
+            Ok((id, records::decode(&v, &what)?))
+        })
+    }
+
+    /// Where chunk `id` is stored.
+    pub fn chunk_loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        self.loc(Index::Chunks, id)
+    }
+
+    /// Records where chunk `id` is stored (committed at once; the pack bytes are written).
+    pub fn put_chunk_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
+        self.put_locs(Index::Chunks, &[(*id, *loc)])
     }
 
     /// Removes the index entry of a chunk.
@@ -718,14 +762,7 @@ impl Meta {
 
     /// Every chunk index entry.
     pub fn chunk_locs(&self) -> impl Iterator<Item = Result<(ChunkId, ChunkLoc)>> + '_ {
-        self.db.scan_prefix([keys::CHUNK]).map(|item| {
-            let (k, v) = item?;
-            let id = keys::hash_of(&k);
-            Ok((
-                id,
-                records::decode(&v, &format!("index entry of chunk {id}"))?,
-            ))
-        })
+        self.locs(Index::Chunks)
     }
 
     /// Names of all indexed chunks (keys only: the locations are not decoded).
@@ -736,27 +773,25 @@ impl Meta {
             .map(|k| Ok(keys::hash_of(&k?)))
     }
 
-    /// The stored bytes of block-map node `id`.
-    pub fn node(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+    /// The bytes of block-map node `id` if the metadata itself holds them (stores made
+    /// before format 5; newer nodes are in the packs, see [`Index::Nodes`]).
+    pub fn legacy_node(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(keys::node(id))?.map(|v| v.to_vec()))
     }
 
-    /// Adds a block-map node to `batch` (idempotent: the key is the content's hash).
-    pub fn put_node(&self, batch: &mut Batch, id: &ChunkId, bytes: Vec<u8>) {
-        batch.insert(keys::node(id), bytes);
+    /// Tests: stores node bytes in the metadata itself, as formats 2-4 did.
+    #[cfg(test)]
+    pub(crate) fn put_legacy_node(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
+        self.db.insert(keys::node(id), bytes)?;
+        Ok(())
     }
 
-    /// Every block-map node id.
-    pub fn node_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
+    /// Every block-map node id held in the metadata itself (before format 5).
+    pub fn legacy_node_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
         self.db
             .scan_prefix([keys::NODE])
-            .map(|item| Ok(keys::hash_of(&item?.0)))
-    }
-
-    /// Removes a block-map node.
-    pub fn remove_node(&self, id: &ChunkId) -> Result<()> {
-        self.db.remove(keys::node(id))?;
-        Ok(())
+            .keys()
+            .map(|k| Ok(keys::hash_of(&k?)))
     }
 
     // ---- GC support (crate::gc, crate::fsck) ----
@@ -827,36 +862,36 @@ impl Meta {
         })
     }
 
-    /// Removes the index entries of `ids` in one atomic batch.
-    pub(crate) fn remove_chunk_locs(&self, ids: &[ChunkId]) -> Result<()> {
+    /// Removes the entries of `ids` from `index` in one atomic batch.
+    pub(crate) fn remove_locs(&self, index: Index, ids: &[ChunkId]) -> Result<()> {
+        self.remove_keys(index.tag(), ids)
+    }
+
+    /// Removes block-map nodes held in the metadata itself, in one atomic batch.
+    pub(crate) fn remove_legacy_nodes(&self, ids: &[ChunkId]) -> Result<()> {
+        self.remove_keys(keys::NODE, ids)
+    }
+
+    fn remove_keys(&self, tag: u8, ids: &[ChunkId]) -> Result<()> {
         let mut b = sled::Batch::default();
         for id in ids {
-            b.remove(keys::chunk(id));
+            b.remove(keys::hashed(tag, id));
         }
         self.db.apply_batch(b)?;
         Ok(())
     }
 
-    /// Removes the block-map nodes `ids` in one atomic batch.
-    pub(crate) fn remove_nodes(&self, ids: &[ChunkId]) -> Result<()> {
-        let mut b = sled::Batch::default();
-        for id in ids {
-            b.remove(keys::node(id));
-        }
-        self.db.apply_batch(b)?;
-        Ok(())
-    }
-
-    /// Points chunk `id` at `new` if its entry still says `old` (compaction moves a chunk
-    /// only if nothing changed it meanwhile). Returns whether it was replaced.
-    pub(crate) fn replace_chunk_loc(
+    /// Points entry `id` of `index` at `new` if it still says `old` (compaction moves a
+    /// record only if nothing changed it meanwhile). Returns whether it was replaced.
+    pub(crate) fn replace_loc(
         &self,
+        index: Index,
         id: &ChunkId,
         old: &ChunkLoc,
         new: &ChunkLoc,
     ) -> Result<bool> {
         let swapped = self.db.compare_and_swap(
-            keys::chunk(id),
+            keys::hashed(index.tag(), id),
             Some(records::encode(old)),
             Some(records::encode(new)),
         )?;

@@ -20,7 +20,7 @@ use crate::error::{FsError, Result};
 use crate::fs::Datastore;
 use crate::gc::Throttle;
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{ChunkLoc, FileKind, MapRoot, View};
+use crate::meta::{ChunkLoc, FileKind, Index, MapRoot, View};
 
 /// Most damaged blocks listed in a report (the total is always counted).
 pub const MAX_LISTED: usize = 10_000;
@@ -139,7 +139,11 @@ pub fn scrub(
         }
     }
     let mut bad_nodes = HashSet::new();
-    for id in meta.node_ids() {
+    let node_ids = meta
+        .locs(Index::Nodes)
+        .map(|e| e.map(|(id, _)| id))
+        .chain(meta.legacy_node_ids());
+    for id in node_ids {
         let id = id?;
         report.nodes_checked += 1;
         // Missing: removed by a concurrent GC since it was listed.
@@ -207,13 +211,12 @@ pub(crate) enum NodeCheck {
 
 /// Checks one stored node: present, named by the hash of its bytes, decodable.
 pub(crate) fn verify_node(ds: &Datastore, id: &ChunkId) -> Result<NodeCheck> {
-    let Some(bytes) = ds.meta().node(id)? else {
-        return Ok(NodeCheck::Missing);
-    };
-    if ChunkId::of(&bytes) != *id {
-        return Ok(NodeCheck::Bad(
-            "stored bytes do not match the node's hash".into(),
-        ));
+    match ds.maps().node_bytes(id) {
+        Ok(None) => return Ok(NodeCheck::Missing),
+        Ok(Some(_)) => {}
+        Err(FsError::Corrupt { detail, .. }) => return Ok(NodeCheck::Bad(detail)),
+        Err(FsError::Meta(detail)) => return Ok(NodeCheck::Bad(detail)),
+        Err(e) => return Err(e),
     }
     if let Err(e) = ds.maps().load(id) {
         return Ok(NodeCheck::Bad(e.to_string()));

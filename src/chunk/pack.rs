@@ -23,6 +23,9 @@ pub const LOG_MAGIC: &[u8; 4] = b"TFL1";
 /// Magic bytes of an intent-log record of written bytes (an fsync that logs a file's
 /// dirty data itself instead of flushing it: `fs/journal.rs`). Same header.
 pub const WRITE_MAGIC: &[u8; 4] = b"TFW1";
+/// Magic bytes of a block-map node record (`crate::blockmap`; format 5 on): the same
+/// header, named by the hash of the node's encoding.
+pub const NODE_MAGIC: &[u8; 4] = b"TFN1";
 /// Length of a record header.
 pub const HEADER_LEN: u64 = 40;
 
@@ -127,10 +130,10 @@ impl ActivePack {
     /// Appends records with vectored writes (headers and data in place, no copy);
     /// returns the offsets of their data. On failure the pack is cut back to its previous
     /// length (no torn record is left).
-    pub fn append_many(&mut self, records: &[(ChunkId, &[u8])]) -> Result<Vec<u64>> {
+    pub fn append_many(&mut self, kind: Kind, records: &[(ChunkId, &[u8])]) -> Result<Vec<u64>> {
         let headers: Vec<[u8; HEADER_LEN as usize]> = records
             .iter()
-            .map(|(id, data)| header(id, data.len() as u32))
+            .map(|(id, data)| header_with(kind.magic(), id, data.len() as u32))
             .collect();
         let mut parts: Vec<&[u8]> = Vec::with_capacity(records.len() * 2);
         let mut offsets = Vec::with_capacity(records.len());
@@ -145,7 +148,9 @@ impl ActivePack {
             .first()
             .map(|(id, _)| id.to_string())
             .unwrap_or_default();
-        self.append_parts(&parts, || format!("{} chunks ({first}...)", records.len()))?;
+        self.append_parts(&parts, || {
+            format!("{} records of {kind:?} ({first}...)", records.len())
+        })?;
         debug_assert_eq!(self.len, at);
         Ok(offsets)
     }
@@ -279,6 +284,8 @@ pub fn scan(path: &Path) -> Result<(Vec<Record>, u64)> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Chunk,
+    /// A block-map node; its `id` is the hash of the node's encoding.
+    Node,
     /// An intent-log record of a flush; its `id` is the hash of its payload.
     Log,
     /// An intent-log record of written bytes; its `id` is the hash of its payload.
@@ -286,12 +293,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Chunk, Kind::Log, Kind::Write];
+    const ALL: [Kind; 4] = [Kind::Chunk, Kind::Node, Kind::Log, Kind::Write];
 
     /// The magic bytes its records start with.
     pub fn magic(self) -> &'static [u8; 4] {
         match self {
             Kind::Chunk => MAGIC,
+            Kind::Node => NODE_MAGIC,
             Kind::Log => LOG_MAGIC,
             Kind::Write => WRITE_MAGIC,
         }
@@ -390,7 +398,7 @@ mod tests {
             .map(|i| vec![(i % 251) as u8 + 1; (i as usize * 37) % 5000])
             .collect();
         let recs: Vec<(ChunkId, &[u8])> = datas.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
-        let offs = p.append_many(&recs).unwrap();
+        let offs = p.append_many(Kind::Chunk, &recs).unwrap();
         let (found, end) = scan(&pack_path(dir.path(), 3)).unwrap();
         assert_eq!(end, p.len);
         assert_eq!(found.len(), datas.len());
@@ -410,7 +418,10 @@ mod tests {
         let datas: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 1000]).collect();
         let mut offs = Vec::new();
         for d in &datas {
-            offs.extend(p.append_many(&[(ChunkId::of(d), &d[..])]).unwrap());
+            offs.extend(
+                p.append_many(Kind::Chunk, &[(ChunkId::of(d), &d[..])])
+                    .unwrap(),
+            );
         }
         let path = pack_path(dir.path(), 1);
         // Damage the first record's header and the second record's data.

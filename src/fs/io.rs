@@ -153,11 +153,12 @@ impl Datastore {
         // after it (replayed over a newer record, the write record would take the
         // file's size back). The background flush does this every 2 s at most.
         let settles_log = self.has_logged_writes(st.inode.ino);
+        let mut batch = Batch::default();
+        // (The new block-map nodes are in the packs too: synced after they are written.)
+        let root = self.maps.update(st.inode.map, &changes)?;
         if settles_log {
             self.chunks.sync()?;
         }
-        let mut batch = Batch::default();
-        let root = self.maps.update(st.inode.map, &changes, &mut batch)?;
         let old_root = st.inode.map;
         st.inode.map = root;
         // A regular file's data flush goes into the intent log (see journal.rs); a
@@ -624,7 +625,7 @@ impl Datastore {
 
     /// Sets the size of a locked regular file: growing makes a hole, shrinking drops the
     /// blocks past the end and zeroes the tail of the last one.
-    pub(super) fn set_size(&self, st: &mut StateGuard, size: u64, batch: &mut Batch) -> Result<()> {
+    pub(super) fn set_size(&self, st: &mut StateGuard, size: u64) -> Result<()> {
         if st.inode.kind != FileKind::File {
             return Err(if st.inode.kind == FileKind::Dir {
                 FsError::IsDir
@@ -642,7 +643,7 @@ impl Datastore {
                 let in_off = (size % bs) as usize;
                 self.patch_block(st, size / bs, in_off, None, bs as usize - in_off)?;
             }
-            self.clear_blocks(st, keep, u64::MAX, batch)?;
+            self.clear_blocks(st, keep, u64::MAX)?;
         }
         st.inode.size = size;
         let now = Timestamp::now();
@@ -654,29 +655,17 @@ impl Datastore {
 
     /// Makes blocks `[start, end)` of a locked file holes: drops them from the write-back
     /// buffer and clears them from the committed map by whole subtrees.
-    fn clear_blocks(
-        &self,
-        st: &mut InodeState,
-        start: u64,
-        end: u64,
-        batch: &mut Batch,
-    ) -> Result<()> {
+    fn clear_blocks(&self, st: &mut InodeState, start: u64, end: u64) -> Result<()> {
         let gone: Vec<u64> = st.dirty.range(start..end).map(|(k, _)| *k).collect();
         for idx in gone {
             self.forget_dirty(st, idx);
         }
-        st.inode.map = self.maps.clear_range(st.inode.map, start, end, batch)?;
+        st.inode.map = self.maps.clear_range(st.inode.map, start, end)?;
         Ok(())
     }
 
     /// Zeroes bytes `[offset, end)` of a locked file, dropping whole blocks to holes.
-    fn zero_range(
-        &self,
-        st: &mut StateGuard,
-        offset: u64,
-        end: u64,
-        batch: &mut Batch,
-    ) -> Result<()> {
+    fn zero_range(&self, st: &mut StateGuard, offset: u64, end: u64) -> Result<()> {
         let end = end.min(st.inode.size.max(offset));
         if offset >= end {
             return Ok(());
@@ -702,7 +691,7 @@ impl Datastore {
             self.patch_block(st, end / bs, 0, None, (end % bs) as usize)?;
         }
         if first_full < last_full {
-            self.clear_blocks(st, first_full, last_full, batch)?;
+            self.clear_blocks(st, first_full, last_full)?;
         }
         Ok(())
     }
@@ -737,9 +726,9 @@ impl Datastore {
             if !keep_size || mode & FALLOC_ZERO_RANGE != 0 {
                 return Err(FsError::Invalid("PUNCH_HOLE needs KEEP_SIZE".into()));
             }
-            self.zero_range(&mut g, offset, end, &mut batch)?;
+            self.zero_range(&mut g, offset, end)?;
         } else if mode & FALLOC_ZERO_RANGE != 0 {
-            self.zero_range(&mut g, offset, end, &mut batch)?;
+            self.zero_range(&mut g, offset, end)?;
         }
         if !keep_size && end > g.inode.size {
             g.inode.size = end;
@@ -866,21 +855,18 @@ impl Datastore {
                 (last as i64 + delta_blocks) as u64,
             );
             g.inode.map = if delta_blocks == 0 {
-                self.maps
-                    .graft(g.inode.map, src_root, first, last, &mut batch)?
+                self.maps.graft(g.inode.map, src_root, first, last)?
             } else {
                 // Clear the target range by subtrees, then set only the source's data
                 // blocks: cost follows the data, not the length (holes are free).
-                let cleared = self
-                    .maps
-                    .clear_range(g.inode.map, d_first, d_last, &mut batch)?;
+                let cleared = self.maps.clear_range(g.inode.map, d_first, d_last)?;
                 let mut changes: BTreeMap<u64, Option<ChunkId>> = BTreeMap::new();
                 self.maps
                     .for_each_chunk(src_root, first, last, &mut |idx, id| {
                         changes.insert((idx as i64 + delta_blocks) as u64, Some(id));
                         Ok(())
                     })?;
-                self.maps.update(cleared, &changes, &mut batch)?
+                self.maps.update(cleared, &changes)?
             };
             let now = Timestamp::now();
             g.inode.size = g.inode.size.max(d_last * bs);

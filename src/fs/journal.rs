@@ -50,7 +50,7 @@ use super::{Datastore, InodeState};
 use crate::chunk::pack::Kind;
 use crate::error::Result;
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{records, Batch, ChunkLoc, FileKind, Inode, View};
+use crate::meta::{records, Batch, ChunkLoc, FileKind, Index, Inode, View};
 
 /// An fsync logs the written bytes themselves (instead of flushing) when at most this
 /// many are not logged yet; more is flushed (the data would be written twice).
@@ -235,11 +235,15 @@ impl Datastore {
                 .mark_unsynced(records.iter().map(|(_, _, loc)| loc.pack));
             for (kind, id, loc) in records {
                 match kind {
-                    Kind::Chunk => {
-                        if self.meta.chunk_loc(&id)?.is_none()
+                    Kind::Chunk | Kind::Node => {
+                        let index = match kind {
+                            Kind::Chunk => Index::Chunks,
+                            _ => Index::Nodes,
+                        };
+                        if self.meta.loc(index, &id)?.is_none()
                             && self.chunks.read_loc(&id, &loc).is_ok()
                         {
-                            self.chunks.restore_loc(&id, &loc)?;
+                            self.chunks.restore_loc(index, &id, &loc)?;
                             done.reindexed += 1;
                         }
                     }
@@ -304,7 +308,7 @@ impl Datastore {
             Body::Written(blocks) => self.store_written(&current, blocks, &at)?,
         };
         let mut batch = Batch::default();
-        let root = match self.maps.update(current.map, &changes, &mut batch) {
+        let root = match self.maps.update(current.map, &changes) {
             Ok(root) => root,
             Err(e) => {
                 tracing::error!("intent log: {at} (inode {ino}) not applied: {e}");

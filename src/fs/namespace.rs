@@ -498,7 +498,7 @@ impl Datastore {
         let mut batch = Batch::default();
         let now = Timestamp::now();
         if let Some(size) = set.size {
-            self.set_size(&mut g, size, &mut batch)?;
+            self.set_size(&mut g, size)?;
         }
         if let Some(mode) = set.mode {
             g.inode.perm = (mode & 0o7777) as u16;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::Datastore;
 use crate::error::Result;
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{FileKind, View};
+use crate::meta::{FileKind, Index, View};
 
 /// Store-wide figures (`thinfs stats`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -24,7 +24,13 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Bytes of the metadata store on disk.
     pub meta_bytes: u64,
+    /// Bytes of the block-map nodes that files, clones and snapshots reach: metadata, kept in the
+    /// packs (format 5 on) and counted in `pack_bytes`, not in `meta_bytes`.
+    pub node_bytes: u64,
     pub chunks: u64,
+    /// Block-map nodes live maps reach (in the packs, or in the metadata store of a store
+    /// made before format 5).
+    pub nodes: u64,
     pub packs: u64,
     /// Pack bytes no file, clone or snapshot reaches: what `thinfs gc` would reclaim.
     pub garbage_bytes: u64,
@@ -59,13 +65,21 @@ impl Datastore {
                 allocated += inode.data_blocks() * bs;
             }
         }
-        let (reachable, _) = self.reachable()?;
+        let (reachable, reachable_nodes) = self.reachable()?;
         let (mut chunks, mut stored, mut live_pack_bytes) = (0u64, 0u64, 0u64);
         for entry in self.meta.chunk_locs() {
             let (id, loc) = entry?;
             chunks += 1;
             stored += loc.len as u64;
             if reachable.contains(&id) {
+                live_pack_bytes += loc.len as u64 + crate::chunk::pack::HEADER_LEN;
+            }
+        }
+        let mut node_bytes = 0u64;
+        for entry in self.meta.locs(Index::Nodes) {
+            let (id, loc) = entry?;
+            if reachable_nodes.contains(&id) {
+                node_bytes += loc.len as u64;
                 live_pack_bytes += loc.len as u64 + crate::chunk::pack::HEADER_LEN;
             }
         }
@@ -80,7 +94,9 @@ impl Datastore {
             pack_bytes,
             garbage_bytes: pack_bytes.saturating_sub(live_pack_bytes),
             meta_bytes: self.meta.size_on_disk(),
+            node_bytes,
             chunks,
+            nodes: reachable_nodes.len() as u64,
             packs,
             dedup_ratio: if stored == 0 {
                 1.0

@@ -12,10 +12,15 @@
 //! | `i`   | `i` ino:u64 !epoch:u64                      | versioned [`Inode`]    | GC mark, fsck, stats   |
 //! | `d`   | `d` parent:u64 name 0x00 !epoch:u64         | versioned [`DirEntry`] | readdir                |
 //! | `k`   | `k` chunk:[u8;32]                           | [`ChunkLoc`]           | GC sweep, fsck, stats  |
+//! | `m`   | `m` node:[u8;32]                            | [`ChunkLoc`]           | GC sweep, fsck, stats  |
 //! | `n`   | `n` node:[u8;32]                            | block-map node bytes   | GC sweep, fsck         |
 //! | `s`   | `s` name                                    | [`SnapshotRecord`]     | snapshot list          |
 //! | `o`   | `o` ino:u64                                 | empty (orphan marker)  | mount-time cleanup     |
 //! | `v`   | `v` ino:u64                                 | u64 BE file version    | intent-log replay      |
+//!
+//! `m` locates a block-map node in the packs (format 5 on); `n` holds a node's bytes in
+//! the metadata itself (formats 2-4: still read, never written, removed by GC once
+//! unreachable).
 //!
 //! File names never contain 0x00, so the separator keeps `d` keys of one directory
 //! contiguous and unambiguous.
@@ -32,6 +37,7 @@ pub const INODE: u8 = b'i';
 pub const DIRENT: u8 = b'd';
 pub const CHUNK: u8 = b'k';
 pub const NODE: u8 = b'n';
+pub const NODE_LOC: u8 = b'm';
 pub const SNAPSHOT: u8 = b's';
 pub const ORPHAN: u8 = b'o';
 pub const VERSION: u8 = b'v';
@@ -97,21 +103,23 @@ pub fn inode_of(key: &[u8]) -> InodeNo {
     InodeNo(u64::from_be_bytes(b))
 }
 
-pub fn chunk(id: &ChunkId) -> Vec<u8> {
+/// The key of hash `id` under `tag` (`k`, `m` or `n`).
+pub fn hashed(tag: u8, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
-    k.push(CHUNK);
+    k.push(tag);
     k.extend_from_slice(&id.0);
     k
+}
+
+pub fn chunk(id: &ChunkId) -> Vec<u8> {
+    hashed(CHUNK, id)
 }
 
 pub fn node(id: &ChunkId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(33);
-    k.push(NODE);
-    k.extend_from_slice(&id.0);
-    k
+    hashed(NODE, id)
 }
 
-/// The hash in a `k` or `n` key.
+/// The hash in a `k`, `m` or `n` key.
 pub fn hash_of(key: &[u8]) -> ChunkId {
     let mut b = [0u8; 32];
     b.copy_from_slice(&key[1..33]);

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use thinfs::fs::Datastore;
-use thinfs::meta::Meta;
+use thinfs::meta::{Index, Meta};
 use thinfs::{FsError, InodeNo};
 
 use super::harness::{first_diff, fresh_store, open_store, reopen, retry_locked, who};
@@ -79,10 +79,15 @@ fn assert_content(ds: &Datastore, ino: InodeNo, want: &[u8], what: &str) {
     }
 }
 
-/// Block-map nodes in the metadata store (the datastore must be closed).
+/// Block-map nodes in the node index (the datastore must be closed).
 fn node_count(store: &Path) -> usize {
     let meta = retry_locked(|| Meta::open(&store.join("meta"))).expect("open metadata");
-    meta.node_ids()
+    assert_eq!(
+        meta.legacy_node_ids().count(),
+        0,
+        "format 5 writes no node into sled"
+    );
+    meta.locs(Index::Nodes)
         .inspect(|n| assert!(n.is_ok(), "listing nodes: {n:?}"))
         .count()
 }
