@@ -23,7 +23,9 @@
 #      Target: RSS(TOTAL) - RSS(FIRST) < 64 MiB.
 #   2. metadata on disk (du -sb STORE/meta and `thinfs stats --json`) after the ingest,
 #      after fio random 4 KiB overwrites over all files (--refill_buffers, end fsync), and
-#      after `thinfs gc --mount MNT --json`. meta% = du(STORE/meta) / live unique data,
+#      after `thinfs gc --mount MNT --json`. meta% = (du(STORE/meta) + the block-map nodes
+#      live maps reach, which are records in the packs: stats node_bytes + 40-byte headers)
+#      / live unique data,
 #      where live unique data = stats allocated_bytes (non-hole blocks of live files; the
 #      data is unique, so this is what the live files really store).
 #      Target: meta% <= 2.
@@ -32,7 +34,7 @@
 #
 # Output on stdout: a markdown table and JSON lines, one per measurement point
 #   {"point": ..., "unique_gib": ..., "rss_bytes": ..., "hwm_bytes": ..., "meta_du_bytes": ...,
-#    "meta_bytes": ..., "stored_bytes": ..., "allocated_bytes": ..., "pack_bytes": ...,
+#    "meta_bytes": ..., "node_bytes": ..., "stored_bytes": ..., "allocated_bytes": ..., "pack_bytes": ...,
 #    "garbage_bytes": ..., "meta_pct": ..., "seconds": ...}
 # and one summary line {"summary": ...} (with VmRSS / VmHWM after every ingested file). Progress goes to stderr. Everything is unmounted and
 # WORK deleted on exit (trap), also on failure or Ctrl-C.
@@ -165,13 +167,15 @@ measure() {
         --argjson rss "$rss" --argjson hwm "$hwm" --argjson du "$du" --argjson s "$stats" \
         '{point: $point, unique_gib: $gib, rss_bytes: $rss, hwm_bytes: $hwm,
           meta_du_bytes: $du, meta_bytes: $s.meta_bytes, stored_bytes: $s.stored_bytes,
+          node_bytes: ($s.node_bytes + 40 * $s.nodes),
           allocated_bytes: $s.allocated_bytes, pack_bytes: $s.pack_bytes,
           garbage_bytes: $s.garbage_bytes, chunks: $s.chunks, dedup_ratio: $s.dedup_ratio,
           meta_pct: (if $s.allocated_bytes > 0
-                     then ($du * 10000 / $s.allocated_bytes | round) / 100 else null end),
+                     then (($du + $s.node_bytes + 40 * $s.nodes) * 10000 / $s.allocated_bytes
+                           | round) / 100 else null end),
           seconds: $secs}')
     POINTS+=("$j")
-    log "$point: $(jq -r '"rss \(.rss_bytes/1048576|floor) MiB, hwm \(.hwm_bytes/1048576|floor) MiB, meta \(.meta_du_bytes/1048576|floor) MiB (\(.meta_pct)%), garbage \(.garbage_bytes/1048576|floor) MiB"' <<<"$j")"
+    log "$point: $(jq -r '"rss \(.rss_bytes/1048576|floor) MiB, hwm \(.hwm_bytes/1048576|floor) MiB, meta \(.meta_du_bytes/1048576|floor) MiB + nodes \(.node_bytes/1048576|floor) MiB (\(.meta_pct)%), garbage \(.garbage_bytes/1048576|floor) MiB"' <<<"$j")"
 }
 
 now() { date +%s.%N; }
@@ -251,12 +255,12 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
 echo
 echo "thinfs scale: $TOTAL_GIB GiB unique data, 16 KiB blocks, $(nproc) cores, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo
-echo "| point | unique GiB | VmRSS MiB | VmHWM MiB | du meta MiB | stats meta MiB | stored GiB | allocated GiB | packs GiB | garbage GiB | meta % | step s |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| point | unique GiB | VmRSS MiB | VmHWM MiB | du meta MiB | stats meta MiB | nodes in packs MiB | stored GiB | allocated GiB | packs GiB | garbage GiB | meta % | step s |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${POINTS[@]}" | jq -r '
     def mib: . / 1048576 * 10 | round / 10;
     def gib: . / 1073741824 * 100 | round / 100;
-    "| \(.point) | \(.unique_gib) | \(.rss_bytes|mib) | \(.hwm_bytes|mib) | \(.meta_du_bytes|mib) | \(.meta_bytes|mib) | \(.stored_bytes|gib) | \(.allocated_bytes|gib) | \(.pack_bytes|gib) | \(.garbage_bytes|gib) | \(.meta_pct // "-") | \(.seconds) |"'
+    "| \(.point) | \(.unique_gib) | \(.rss_bytes|mib) | \(.hwm_bytes|mib) | \(.meta_du_bytes|mib) | \(.meta_bytes|mib) | \(.node_bytes|mib) | \(.stored_bytes|gib) | \(.allocated_bytes|gib) | \(.pack_bytes|gib) | \(.garbage_bytes|gib) | \(.meta_pct // "-") | \(.seconds) |"'
 echo
 echo "| result | value | target |"
 echo "|---|---:|---|"
