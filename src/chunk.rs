@@ -62,7 +62,7 @@ pub struct ChunkStore {
     pub(crate) fail_next_sync: AtomicBool,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
-    /// Which names the index may hold (spares the index lookup for new data).
+    /// Which names the two indexes may hold (spares the index lookup of a new chunk or node).
     presence: Arc<Presence>,
     /// Where chunks were last seen, for reads only: every read is verified and a read
     /// that fails at a cached place asks the index. Never used to decide that the store
@@ -110,7 +110,7 @@ impl ChunkStore {
         let spawned = std::thread::Builder::new()
             .name("thinfs-filter".into())
             .spawn(move || {
-                if let Err(e) = presence.finish_rebuild(fresh, meta.chunk_ids(), &stop) {
+                if let Err(e) = presence.finish_rebuild(fresh, meta.all_ids(), &stop) {
                     tracing::warn!(
                         "chunk filter: index scan failed ({e}); every store looks the chunk up"
                     );
@@ -145,7 +145,7 @@ impl ChunkStore {
         }
         let fresh = self.begin_rebuild();
         self.presence
-            .finish_rebuild(fresh, self.meta.chunk_ids(), &self.stop)?;
+            .finish_rebuild(fresh, self.meta.all_ids(), &self.stop)?;
         Ok(())
     }
 
@@ -157,9 +157,7 @@ impl ChunkStore {
     /// Records a found copy of a record of `index` (fsck's repair, intent-log replay).
     pub(crate) fn restore_loc(&self, index: Index, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
         let _appends = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        if index == Index::Chunks {
-            self.presence.insert(id);
-        }
+        self.presence.insert(id);
         self.locs.remove(id);
         self.meta.put_locs(index, &[(*id, *loc)])
     }
@@ -218,12 +216,10 @@ impl ChunkStore {
         self.put_in(Index::Nodes, nodes)
     }
 
-    /// Whether `index` may hold `id` (the presence filter covers chunks only).
+    /// Whether `index` holds `id` (the presence filter, over the names of both indexes,
+    /// spares the lookup of a new name).
     fn maybe_has(&self, index: Index, id: &ChunkId) -> Result<bool> {
-        if index == Index::Chunks && !self.presence.may_contain(id) {
-            return Ok(false);
-        }
-        Ok(self.meta.loc(index, id)?.is_some())
+        Ok(self.presence.may_contain(id) && self.meta.loc(index, id)?.is_some())
     }
 
     fn put_in(&self, index: Index, chunks: &[(ChunkId, &[u8])]) -> Result<usize> {
@@ -262,9 +258,7 @@ impl ChunkStore {
             locs.extend(self.append_group_locked(&mut active, index, &group)?);
         }
         for (id, loc) in &locs {
-            if index == Index::Chunks {
-                self.presence.insert(id);
-            }
+            self.presence.insert(id);
             self.locs.insert(*id, *loc);
         }
         self.meta.put_locs(index, &locs)?;

@@ -251,7 +251,7 @@ pub fn collect(
     ds.barrier()?;
     // The removed names still have their filter bits; clear them (a stale filter only
     // costs index lookups, so a failure is not the collection's).
-    if report.chunks_freed > 0 {
+    if report.chunks_freed + report.nodes_freed > 0 {
         if let Err(e) = ds.chunks().rebuild_filter() {
             tracing::warn!("gc: chunk filter not rebuilt: {e}");
         }

@@ -767,8 +767,13 @@ impl Meta {
 
     /// Names of all indexed chunks (keys only: the locations are not decoded).
     pub fn chunk_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
+        self.ids(Index::Chunks)
+    }
+
+    /// Names of every entry of `index` (keys only).
+    pub fn ids(&self, index: Index) -> impl Iterator<Item = Result<ChunkId>> + '_ {
         self.db
-            .scan_prefix([keys::CHUNK])
+            .scan_prefix([index.tag()])
             .keys()
             .map(|k| Ok(keys::hash_of(&k?)))
     }
@@ -792,6 +797,11 @@ impl Meta {
             .scan_prefix([keys::NODE])
             .keys()
             .map(|k| Ok(keys::hash_of(&k?)))
+    }
+
+    /// Names of every entry of both indexes (what the chunk store's presence filter holds).
+    pub(crate) fn all_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
+        self.ids(Index::Chunks).chain(self.ids(Index::Nodes))
     }
 
     // ---- GC support (crate::gc, crate::fsck) ----
