@@ -37,9 +37,10 @@ use pack::ActivePack;
 pub const PACK_TARGET: u64 = 64 << 20;
 /// Longest stretch of a pack [`ChunkStore::get_many`] reads with one `pread`.
 const READ_RUN: u64 = 4 << 20;
-/// Chunk locations per generation of the read-path location cache (two generations,
-/// ~60 bytes an entry: at most ~30 MiB; 2^19 entries map 8 GiB of 16 KiB chunks).
-const LOC_CACHE_GENERATION: usize = 1 << 18;
+/// Chunk and node locations per generation of the read-path location cache (two
+/// generations, ~60 bytes an entry: at most ~15 MiB; 2^18 entries map 4 GiB of 16 KiB
+/// chunks). A miss is one index lookup.
+const LOC_CACHE_GENERATION: usize = 1 << 17;
 
 /// The chunk store of one datastore.
 pub struct ChunkStore {
@@ -441,17 +442,59 @@ impl ChunkStore {
     /// merely taken off the list by a concurrent sync still in progress).
     pub fn sync(&self) -> Result<()> {
         let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        {
+        self.zero_ahead(&mut self.active.lock().unwrap_or_else(|p| p.into_inner()));
+        self.sync_listed()
+    }
+
+    /// Makes every appended record durable, then runs `then` (the metadata flush of a
+    /// barrier) with appends held off, so that `then` cannot make durable an index entry
+    /// or an inode record naming a record appended after the packs were synced: without
+    /// it, a flush committing between the two steps of a barrier had its metadata made
+    /// durable and its new chunks and block-map nodes not (a power cut then lost a node
+    /// a durable root names: the whole file). Appends wait for `then` (one sled flush).
+    pub(crate) fn sync_then(&self, then: impl FnOnce() -> Result<()>) -> Result<()> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Sync without blocking appends first; if some came in meanwhile, try again, and
+        // at last sync them with appends held off.
+        for attempt in 0..3 {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            let appended = self
-                .unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&active.id);
-            if appended {
-                active.zero_ahead();
+            if attempt == 2 || self.all_synced() {
+                self.zero_ahead(&mut active);
+                self.sync_listed()?;
+                return then();
             }
+            self.zero_ahead(&mut active);
+            drop(active);
+            self.sync_listed()?;
         }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Nothing appended since the last sync, and no pack file created.
+    fn all_synced(&self) -> bool {
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            && !self.dir_unsynced.load(Ordering::SeqCst)
+    }
+
+    /// Zeros ahead of the active pack's end before it is synced (see
+    /// [`ActivePack::zero_ahead`]); the caller holds `active`.
+    fn zero_ahead(&self, active: &mut ActivePack) {
+        let appended = self
+            .unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&active.id);
+        if appended {
+            active.zero_ahead();
+        }
+    }
+
+    /// Syncs the packs listed as appended to (and the directory if a pack was created);
+    /// the caller holds `sync_lock`.
+    fn sync_listed(&self) -> Result<()> {
         let packs: Vec<u32> =
             std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
@@ -684,6 +727,39 @@ mod tests {
         assert!(matches!(err, FsError::Corrupt { .. }), "{err}");
         let (recs, _) = pack::scan(&path).unwrap();
         assert_eq!(recs.len(), 1);
+    }
+
+    /// A barrier's metadata flush runs with appends held off: a record appended during
+    /// it would be named by metadata made durable before the record is.
+    #[test]
+    fn appends_wait_for_the_flush_after_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("packs")).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let cs = Arc::new(
+            ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap(),
+        );
+        cs.put(&[1u8; 4096]).unwrap();
+        let appended = Arc::new(AtomicBool::new(false));
+        let mut writer = None;
+        cs.sync_then(|| {
+            assert!(cs.all_synced(), "the packs are synced before the flush");
+            let (cs2, done) = (cs.clone(), appended.clone());
+            writer = Some(std::thread::spawn(move || {
+                cs2.put(&[2u8; 4096]).unwrap();
+                done.store(true, Ordering::SeqCst);
+            }));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(
+                !appended.load(Ordering::SeqCst),
+                "an append ran during the flush"
+            );
+            Ok(())
+        })
+        .unwrap();
+        writer.unwrap().join().unwrap();
+        assert!(appended.load(Ordering::SeqCst));
+        assert!(!cs.all_synced(), "the later append waits for the next sync");
     }
 
     #[test]

@@ -734,9 +734,11 @@ impl Datastore {
             // Every logged flush before this position is committed: after the metadata
             // flush below it need not be replayed.
             let (pack, offset) = self.checkpoint();
-            self.chunks.sync()?;
-            self.meta.set_log_checkpoint(pack, offset)?;
-            self.meta.flush()
+            // Appends wait during the metadata flush (see `sync_then`).
+            self.chunks.sync_then(|| {
+                self.meta.set_log_checkpoint(pack, offset)?;
+                self.meta.flush()
+            })
         })
     }
 }
