@@ -56,9 +56,11 @@ pub const FANOUT: u64 = 64;
 const FANOUT_BITS: u32 = 6;
 /// Deepest tree allowed: 64^10 blocks is beyond any file size thinfs accepts.
 pub const MAX_DEPTH: u8 = 10;
-/// Decoded nodes per generation of the node cache (two generations: at most ~48 MiB, a
-/// node of 64 entries decodes to ~3 KiB). 8192 leaves map 8 GiB of 16 KiB blocks.
-const NODE_CACHE_GENERATION: usize = 8192;
+/// Decoded nodes per generation of the node cache (two generations: at most ~12 MiB, a
+/// node of 64 entries decodes to ~3 KiB). 2048 leaves map 2 GiB of 16 KiB blocks; a miss
+/// costs a location lookup and a verified read of ~2.6 KiB from the packs. (8192 let RSS
+/// grow by ~36 MiB more between 4 and 32 GiB of data: issue 6.)
+const NODE_CACHE_GENERATION: usize = 2048;
 /// Format byte of a node encoding.
 const NODE_V1: u8 = 1;
 
