@@ -264,24 +264,15 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
             ..Default::default()
         },
     )?;
-    let fd = kernel_mount(store, mountpoint, &opts)?;
-    let mut config = Config::default();
-    config.acl = opts.acl;
-    config.n_threads = Some(threads.max(1));
-    config.clone_fd = true;
     let fs = crate::fuse::ThinFuse::new(ds.clone());
     let slot = fs.notifier_slot();
-    let session = match fuser::Session::from_fd(fs, fd, opts.acl, config) {
-        Ok(s) => s,
-        Err(e) => {
-            unmount(mountpoint);
-            return Err(e).with_context(|| format!("starting FUSE at {}", mountpoint.display()));
-        }
-    };
-    let _ = slot.set(session.notifier());
-    let notifier = session.notifier();
+    let notifier = slot.clone();
     let invalidate: crate::control::Invalidator = Arc::new(move |parent, name| {
         use std::os::unix::ffi::OsStrExt;
+        // Nothing to invalidate before the session exists: the kernel has cached nothing.
+        let Some(notifier) = notifier.get() else {
+            return;
+        };
         let done = if name.is_empty() {
             notifier.inval_inode(fuser::INodeNo(parent), 0, 0)
         } else {
@@ -293,17 +284,34 @@ fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Re
             }
         }
     });
-    if let Err(e) = crate::control::serve(ds.clone(), invalidate) {
-        unmount(mountpoint);
-        return Err(e.into());
-    }
+    // The control socket is up before the mount shows in the mount table, so that a
+    // `thinfs stats MNT` right after the mount appears (`mount -f` has no readiness
+    // signal) finds the daemon.
+    crate::control::serve(ds.clone(), invalidate)?;
+    let socket = store.join(crate::control::SOCKET);
+    let fd = kernel_mount(store, mountpoint, &opts).inspect_err(|_| {
+        let _ = std::fs::remove_file(&socket);
+    })?;
+    let mut config = Config::default();
+    config.acl = opts.acl;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    let session = match fuser::Session::from_fd(fs, fd, opts.acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            unmount(mountpoint);
+            let _ = std::fs::remove_file(&socket);
+            return Err(e).with_context(|| format!("starting FUSE at {}", mountpoint.display()));
+        }
+    };
+    let _ = slot.set(session.notifier());
     spawn_signal_thread(mountpoint.to_path_buf());
     spawn_background_gc(&ds, opts.gc_interval, opts.gc_rate);
     notify_ready(store);
     tracing::info!("mounted {} at {}", store.display(), mountpoint.display());
     let served = session.run();
     let flushed = ds.shutdown();
-    let _ = std::fs::remove_file(store.join(crate::control::SOCKET));
+    let _ = std::fs::remove_file(&socket);
     served.context("serving FUSE requests")?;
     flushed.context("flushing at unmount")?;
     tracing::info!("unmounted {}", mountpoint.display());
