@@ -295,6 +295,9 @@ pub struct Datastore {
     /// Files whose last log record may be lost (a sync of the packs failed after it):
     /// their fsyncs run a full barrier until one has succeeded (io.rs, fsync).
     log_broken: Mutex<HashSet<InodeNo>>,
+    /// Tests: runs once in copy_file_range after the source's root was read.
+    #[cfg(test)]
+    after_copy_source_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Datastore {
@@ -403,6 +406,8 @@ impl Datastore {
             prestore: prestore::Prestore::idle(),
             log_pending: Mutex::default(),
             log_broken: Mutex::default(),
+            #[cfg(test)]
+            after_copy_source_read: Mutex::default(),
         });
         ds.replay_log()?;
         ds.drop_orphans()?;

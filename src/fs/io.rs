@@ -818,6 +818,11 @@ impl Datastore {
                 (i.map, i.size)
             }
         };
+        #[cfg(test)]
+        if let Some(hook) = self.after_copy_source_read.lock().take() {
+            hook();
+        }
+        let src_ino = src;
         let src = src_node;
         let len = len.min(src_size.saturating_sub(src_off));
         if len == 0 {
@@ -848,7 +853,14 @@ impl Datastore {
                 return Err(FsError::Invalid("copy target is not a regular file".into()));
             }
             self.flush_state(&mut g)?;
-            let _gate = self.gc_gate.read(); // new nodes commit before a GC starts
+            let gate = self.gc_gate.read(); // new nodes commit before a GC starts
+            if !self.source_root_held(src, src_ino, view, src_root)? {
+                // The source changed since its root was read: copy the rest by bytes.
+                drop(gate);
+                drop(g);
+                let done = self.copy_bytes(src, first * bs, dst, dst_off + head, len - head)?;
+                return Ok(head + done);
+            }
             let mut batch = Batch::default();
             let (d_first, d_last) = (
                 (first as i64 + delta_blocks) as u64,
@@ -887,6 +899,25 @@ impl Datastore {
             )?;
         }
         Ok(len)
+    }
+
+    /// Whether a committed version still holds the source root `root` that a copy read
+    /// (without the GC gate). A graft shares the source's subtrees without storing them,
+    /// so they must be reachable from a committed version once the gate is held: a
+    /// collection that ran in between, after the source was rewritten (or its snapshot
+    /// deleted), may have freed them. Call with the gate held.
+    fn source_root_held(
+        &self,
+        src_node: u64,
+        src: InodeNo,
+        view: crate::meta::View,
+        root: Option<crate::meta::MapRoot>,
+    ) -> Result<bool> {
+        let now = match view {
+            crate::meta::View::Live => self.meta.inode(src, view)?.map(|i| i.map),
+            crate::meta::View::At(_) => self.node_inode(src_node).ok().map(|i| i.map),
+        };
+        Ok(now == Some(root))
     }
 
     fn copy_bytes(
@@ -933,6 +964,40 @@ mod tests {
             Partial::with_range(&r, 45, 50),
             [(10, 20), (30, 40), (45, 50)]
         );
+    }
+
+    /// copy_file_range reads the source's root without the GC gate; if the source is
+    /// rewritten and a collection frees its old blocks before the graft, the copy must
+    /// not share them (it copies the source's bytes as they are then).
+    #[test]
+    fn copy_after_the_source_changed_and_gc_ran_shares_nothing_freed() {
+        use crate::fs::testing::{opts, WHO};
+        const BS: usize = 4096;
+        let (_dir, store, ds, src) = crate::fs::testing::store_with_file(BS as u32, "src");
+        let dst = ds.create(InodeNo::ROOT, b"dst", 0o644, WHO).unwrap().ino;
+        let old: Vec<u8> = (0..8 * BS).map(|i| (i % 251) as u8 + 1).collect();
+        let new: Vec<u8> = (0..8 * BS).map(|i| (i % 241) as u8 + 3).collect();
+        ds.write(src, 0, &old).unwrap();
+        ds.sync_all().unwrap();
+        let ds2 = ds.clone();
+        let new2 = new.clone();
+        *ds.after_copy_source_read.lock() = Some(Box::new(move || {
+            ds2.write(src, 0, &new2).unwrap();
+            ds2.sync_all().unwrap();
+            let r = crate::gc::collect(&ds2, &Default::default(), &|_| {}).unwrap();
+            assert!(r.chunks_freed >= 8, "the old blocks are garbage now: {r:?}");
+        }));
+        assert_eq!(
+            ds.copy_range(src, 0, dst, 0, old.len() as u64).unwrap(),
+            8 * BS as u64
+        );
+        assert_eq!(ds.read(dst, 0, 8 * BS as u32).unwrap(), new);
+        drop(ds);
+        let r = crate::fsck::fsck(&store, false).unwrap();
+        assert!(r.clean, "{r:#?}");
+        let ds = crate::fs::Datastore::open(&store, &opts()).unwrap();
+        let dst = ds.lookup(InodeNo::ROOT, b"dst").unwrap().ino;
+        assert_eq!(ds.read(dst, 0, 8 * BS as u32).unwrap(), new);
     }
 
     /// Partial writes over committed blocks, read before and after the flush, with
