@@ -800,22 +800,23 @@ impl Datastore {
     ) -> Result<u64> {
         let bs = self.block_size();
         let (view, src) = self.node_view(src_node)?;
-        // A consistent view of the source: its flushed root and size.
-        let (src_root, src_size) = match view {
+        // The source's size, and its writes so far committed (the blocks are shared from
+        // its committed map, read below under the GC gate).
+        let src_size = match view {
             crate::meta::View::Live => {
                 let mut g = self.lock(src)?;
                 if g.inode.kind != FileKind::File {
                     return Err(FsError::Invalid("copy source is not a regular file".into()));
                 }
                 self.flush_state(&mut g)?;
-                (g.inode.map, g.inode.size)
+                g.inode.size
             }
             crate::meta::View::At(_) => {
                 let i = self.node_inode(src_node)?;
                 if i.kind != FileKind::File {
                     return Err(FsError::Invalid("copy source is not a regular file".into()));
                 }
-                (i.map, i.size)
+                i.size
             }
         };
         #[cfg(test)]
@@ -853,14 +854,14 @@ impl Datastore {
                 return Err(FsError::Invalid("copy target is not a regular file".into()));
             }
             self.flush_state(&mut g)?;
-            let gate = self.gc_gate.read(); // new nodes commit before a GC starts
-            if !self.source_root_held(src, src_ino, view, src_root)? {
-                // The source changed since its root was read: copy the rest by bytes.
-                drop(gate);
-                drop(g);
-                let done = self.copy_bytes(src, first * bs, dst, dst_off + head, len - head)?;
-                return Ok(head + done);
-            }
+            let _gate = self.gc_gate.read(); // new nodes commit before a GC starts
+                                             // The source's subtrees are shared, not stored, so they are taken from the
+                                             // version committed now, under the gate: no collection can start, and a
+                                             // running one has marked or pinned all that a committed version reaches. The
+                                             // root read before may have been rewritten and freed since.
+            let Some(src_root) = self.committed_root(src, src_ino, view)? else {
+                return Ok(head); // the source is gone (a deleted snapshot)
+            };
             let mut batch = Batch::default();
             let (d_first, d_last) = (
                 (first as i64 + delta_blocks) as u64,
@@ -901,23 +902,18 @@ impl Datastore {
         Ok(len)
     }
 
-    /// Whether a committed version still holds the source root `root` that a copy read
-    /// (without the GC gate). A graft shares the source's subtrees without storing them,
-    /// so they must be reachable from a committed version once the gate is held: a
-    /// collection that ran in between, after the source was rewritten (or its snapshot
-    /// deleted), may have freed them. Call with the gate held.
-    fn source_root_held(
+    /// The block-map root of the committed version of `src` that `view` sees (`None`: no
+    /// such version any more).
+    fn committed_root(
         &self,
         src_node: u64,
         src: InodeNo,
         view: crate::meta::View,
-        root: Option<crate::meta::MapRoot>,
-    ) -> Result<bool> {
-        let now = match view {
+    ) -> Result<Option<Option<crate::meta::MapRoot>>> {
+        Ok(match view {
             crate::meta::View::Live => self.meta.inode(src, view)?.map(|i| i.map),
             crate::meta::View::At(_) => self.node_inode(src_node).ok().map(|i| i.map),
-        };
-        Ok(now == Some(root))
+        })
     }
 
     fn copy_bytes(
@@ -968,7 +964,7 @@ mod tests {
 
     /// copy_file_range reads the source's root without the GC gate; if the source is
     /// rewritten and a collection frees its old blocks before the graft, the copy must
-    /// not share them (it copies the source's bytes as they are then).
+    /// not share them: it shares the blocks of the version committed then.
     #[test]
     fn copy_after_the_source_changed_and_gc_ran_shares_nothing_freed() {
         use crate::fs::testing::{opts, WHO};
