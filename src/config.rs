@@ -13,12 +13,13 @@ use crate::error::{FsError, Result};
 /// log records of written bytes (`TFW1`, which a format-3 build would take for a torn
 /// tail and stop its replay at); 5: block-map nodes are records in the packs (`TFN1`)
 /// under their own index, no longer values in the metadata store (a format-4 build
-/// would find them missing).
-pub const FORMAT_VERSION: u32 = 5;
+/// would find them missing); 6: the location indexes keep many entries per sled key
+/// (`meta/buckets.rs`; entries of older formats are moved at open).
+pub const FORMAT_VERSION: u32 = 6;
 /// Older formats this build opens (and upgrades at the first read-write open: each is
 /// format 5 without some kinds of pack record; their nodes in the metadata store are
 /// still read, and removed by GC once unreachable).
-pub const UPGRADES_FROM: [u32; 3] = [2, 3, 4];
+pub const UPGRADES_FROM: [u32; 4] = [2, 3, 4, 5];
 /// Name of the identity file inside a store.
 pub const CONFIG_FILE: &str = "thinfs.toml";
 /// Default logical block size (see the fleet benchmark in scripts/bench.sh).

@@ -380,6 +380,14 @@ impl Datastore {
                 path.display()
             )));
         }
+        let moved = meta.migrate_index_entries()?;
+        if moved > 0 {
+            meta.flush()?;
+            tracing::info!(
+                "moved {moved} index entries of {} into buckets",
+                path.display()
+            );
+        }
         let pins = Arc::new(Pins::default());
         let chunks = Arc::new(ChunkStore::open(
             &path.join("packs"),

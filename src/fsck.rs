@@ -651,9 +651,10 @@ mod tests {
             .any(|b| b.node && b.path.as_deref() == Some("/b")));
     }
 
-    /// A store of format 4 kept its block-map nodes in the metadata store: this build
-    /// reads them, writes new nodes to the packs, and GC removes the old ones once no
-    /// map reaches them.
+    /// A store of format 4 kept its block-map nodes in the metadata store and one sled key
+    /// per chunk index entry: this build moves the entries into buckets at open, reads
+    /// the nodes, writes new nodes to the packs, and GC removes the old ones once no map
+    /// reaches them.
     #[test]
     fn nodes_of_a_format_4_store_are_read_and_collected() {
         let (_d, store, data) = store();
@@ -669,6 +670,13 @@ mod tests {
             }
             let ids: Vec<ChunkId> = locs.iter().map(|(id, _)| *id).collect();
             meta.remove_locs(Index::Nodes, &ids).unwrap();
+            // And the chunk index as formats up to 5 kept it: one sled key per entry.
+            let chunks: Vec<_> = meta.chunk_locs().map(|e| e.unwrap()).collect();
+            for (id, loc) in &chunks {
+                meta.put_entry_form(Index::Chunks, id, loc).unwrap();
+            }
+            assert_eq!(meta.chunk_locs().count(), 0);
+            assert_eq!(meta.entry_form_count(), chunks.len());
             meta.flush().unwrap();
         }
         let toml = store.join(crate::config::CONFIG_FILE);
@@ -680,6 +688,12 @@ mod tests {
         assert_ne!(old, text);
         std::fs::write(&toml, old).unwrap();
         let ds = Datastore::open(&store, &opts()).unwrap();
+        assert_eq!(
+            ds.meta().entry_form_count(),
+            0,
+            "moved into buckets at open"
+        );
+        assert_eq!(ds.meta().chunk_locs().count(), 4);
         let a = ds.lookup(InodeNo::ROOT, b"a2").unwrap().ino;
         assert_eq!(ds.read(a, 0, data.len() as u32).unwrap(), data);
         let legacy = ds.meta().legacy_node_ids().count();

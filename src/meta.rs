@@ -10,6 +10,7 @@
 //! while some snapshot can see it (a snapshot at epoch `S` sees the newest version with
 //! epoch <= `S`). Without snapshots a record therefore has exactly one version.
 
+mod buckets;
 pub mod keys;
 pub mod records;
 
@@ -50,6 +51,8 @@ pub struct Meta {
     dropped: Dropped,
     /// Versions of regular files, for the intent log (see [`FileVersions`]).
     versions: FileVersions,
+    /// Serializes changes of the location indexes (see `buckets.rs`).
+    index_writes: parking_lot::Mutex<()>,
 }
 
 /// Versions of regular files' live records, for the intent log (`fs/journal.rs`).
@@ -167,7 +170,16 @@ pub enum Index {
 impl Index {
     pub const ALL: [Index; 2] = [Index::Chunks, Index::Nodes];
 
+    /// Tag of its buckets (`meta/buckets.rs`).
     fn tag(self) -> u8 {
+        match self {
+            Index::Chunks => keys::CHUNK_BUCKET,
+            Index::Nodes => keys::NODE_BUCKET,
+        }
+    }
+
+    /// Tag of its one-key-per-entry form (formats up to 5), migrated at open.
+    fn entry_tag(self) -> u8 {
         match self {
             Index::Chunks => keys::CHUNK,
             Index::Nodes => keys::NODE_LOC,
@@ -279,6 +291,7 @@ impl Meta {
                 unlogged: Default::default(),
                 logged_only: Default::default(),
             },
+            index_writes: Default::default(),
         };
         // Versions are (open generation << 40) + n: unique across opens (2^40 flushes per
         // open: 35 years at 1,000 a second).
@@ -716,34 +729,54 @@ impl Meta {
 
     /// Where record `id` of `index` is stored.
     pub fn loc(&self, index: Index, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        match self.db.get(keys::hashed(index.tag(), id))? {
-            Some(v) => Ok(Some(records::decode(
-                &v,
-                &format!("index entry of {} {id}", index.what()),
-            )?)),
-            None => Ok(None),
-        }
+        buckets::get(&self.db, index.tag(), id)
     }
 
-    /// Records where each of several records of `index` is stored. Each entry stands
-    /// alone, so they are plain inserts: a sled batch writes (and `sync_file_range`s) its
-    /// log buffer twice on sled's I/O threads, whatever its size (sled 0.34 `pin_log`).
+    /// Records where each of several records of `index` is stored.
     pub fn put_locs(&self, index: Index, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
+        let _w = self.index_writes.lock();
         for (id, loc) in locs {
-            self.db
-                .insert(keys::hashed(index.tag(), id), records::encode(loc))?;
+            buckets::update(&self.db, index.tag(), id, |slot| *slot = Some(*loc))?;
         }
         Ok(())
     }
 
-    /// Every entry of `index`.
+    /// Every entry of `index`, in name order.
     pub fn locs(&self, index: Index) -> impl Iterator<Item = Result<(ChunkId, ChunkLoc)>> + '_ {
-        self.db.scan_prefix([index.tag()]).map(move |item| {
-            let (k, v) = item?;
-            let id = keys::hash_of(&k);
-            let what = format!("index entry of {} {id}", index.what());
-            Ok((id, records::decode(&v, &what)?))
-        })
+        buckets::iter(&self.db, index.tag())
+    }
+
+    /// Moves the entries of a store written before format 6 (one sled key each) into
+    /// buckets, in runs: each run is inserted before its old keys are removed, so a
+    /// crash leaves every entry in one form or both, and the next open goes on.
+    pub(crate) fn migrate_index_entries(&self) -> Result<u64> {
+        let mut moved = 0u64;
+        for index in Index::ALL {
+            loop {
+                let run: Vec<(sled::IVec, sled::IVec)> = self
+                    .db
+                    .scan_prefix([index.entry_tag()])
+                    .take(4096)
+                    .collect::<std::result::Result<_, _>>()?;
+                if run.is_empty() {
+                    break;
+                }
+                let mut locs = Vec::with_capacity(run.len());
+                for (k, v) in &run {
+                    let id = keys::hash_of(k);
+                    let what = format!("index entry of {} {id}", index.what());
+                    locs.push((id, records::decode::<ChunkLoc>(v, &what)?));
+                }
+                self.put_locs(index, &locs)?;
+                let mut b = sled::Batch::default();
+                for (k, _) in &run {
+                    b.remove(k.clone());
+                }
+                self.db.apply_batch(b)?;
+                moved += run.len() as u64;
+            }
+        }
+        Ok(moved)
     }
 
     /// Where chunk `id` is stored.
@@ -758,8 +791,7 @@ impl Meta {
 
     /// Removes the index entry of a chunk.
     pub fn remove_chunk_loc(&self, id: &ChunkId) -> Result<()> {
-        self.db.remove(keys::chunk(id))?;
-        Ok(())
+        self.remove_locs(Index::Chunks, &[*id])
     }
 
     /// Every chunk index entry.
@@ -772,18 +804,33 @@ impl Meta {
         self.ids(Index::Chunks)
     }
 
-    /// Names of every entry of `index` (keys only).
+    /// Names of every entry of `index`.
     pub fn ids(&self, index: Index) -> impl Iterator<Item = Result<ChunkId>> + '_ {
-        self.db
-            .scan_prefix([index.tag()])
-            .keys()
-            .map(|k| Ok(keys::hash_of(&k?)))
+        self.locs(index).map(|e| e.map(|(id, _)| id))
     }
 
     /// The bytes of block-map node `id` if the metadata itself holds them (stores made
     /// before format 5; newer nodes are in the packs, see [`Index::Nodes`]).
     pub fn legacy_node(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(keys::node(id))?.map(|v| v.to_vec()))
+    }
+
+    /// Tests: an index entry in its one-key form (formats up to 5), out of the buckets.
+    #[cfg(test)]
+    pub(crate) fn put_entry_form(&self, index: Index, id: &ChunkId, loc: &ChunkLoc) -> Result<()> {
+        self.remove_locs(index, &[*id])?;
+        self.db
+            .insert(keys::hashed(index.entry_tag(), id), records::encode(loc))?;
+        Ok(())
+    }
+
+    /// Tests: index entries still in their one-key form.
+    #[cfg(test)]
+    pub(crate) fn entry_form_count(&self) -> usize {
+        Index::ALL
+            .iter()
+            .map(|i| self.db.scan_prefix([i.entry_tag()]).count())
+            .sum()
     }
 
     /// Tests: stores node bytes in the metadata itself, as formats 2-4 did.
@@ -874,9 +921,13 @@ impl Meta {
         })
     }
 
-    /// Removes the entries of `ids` from `index` in one atomic batch.
+    /// Removes the entries of `ids` from `index`.
     pub(crate) fn remove_locs(&self, index: Index, ids: &[ChunkId]) -> Result<()> {
-        self.remove_keys(index.tag(), ids)
+        let _w = self.index_writes.lock();
+        for id in ids {
+            buckets::update(&self.db, index.tag(), id, |slot| *slot = None)?;
+        }
+        Ok(())
     }
 
     /// Removes block-map nodes held in the metadata itself, in one atomic batch.
@@ -902,12 +953,14 @@ impl Meta {
         old: &ChunkLoc,
         new: &ChunkLoc,
     ) -> Result<bool> {
-        let swapped = self.db.compare_and_swap(
-            keys::hashed(index.tag(), id),
-            Some(records::encode(old)),
-            Some(records::encode(new)),
-        )?;
-        Ok(swapped.is_ok())
+        let _w = self.index_writes.lock();
+        buckets::update(&self.db, index.tag(), id, |slot| {
+            let swap = *slot == Some(*old);
+            if swap {
+                *slot = Some(*new);
+            }
+            swap
+        })
     }
 
     // ---- orphans (unlinked while open) ----

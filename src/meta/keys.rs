@@ -11,16 +11,19 @@
 //! | `c`   | `c` name                                    | u64 BE counter         | -                      |
 //! | `i`   | `i` ino:u64 !epoch:u64                      | versioned [`Inode`]    | GC mark, fsck, stats   |
 //! | `d`   | `d` parent:u64 name 0x00 !epoch:u64         | versioned [`DirEntry`] | readdir                |
-//! | `k`   | `k` chunk:[u8;32]                           | [`ChunkLoc`]           | GC sweep, fsck, stats  |
-//! | `m`   | `m` node:[u8;32]                            | [`ChunkLoc`]           | GC sweep, fsck, stats  |
+//! | `K`   | `K` lowest name:[u8;8]                      | bucket of locations    | GC sweep, fsck, stats  |
+//! | `M`   | `M` lowest name:[u8;8]                      | bucket of locations    | GC sweep, fsck, stats  |
+//! | `k`   | `k` chunk:[u8;32]                           | [`ChunkLoc`]           | migration (format < 6) |
+//! | `m`   | `m` node:[u8;32]                            | [`ChunkLoc`]           | migration (format 5)   |
 //! | `n`   | `n` node:[u8;32]                            | block-map node bytes   | GC sweep, fsck         |
 //! | `s`   | `s` name                                    | [`SnapshotRecord`]     | snapshot list          |
 //! | `o`   | `o` ino:u64                                 | empty (orphan marker)  | mount-time cleanup     |
 //! | `v`   | `v` ino:u64                                 | u64 BE file version    | intent-log replay      |
 //!
-//! `m` locates a block-map node in the packs (format 5 on); `n` holds a node's bytes in
-//! the metadata itself (formats 2-4: still read, never written, removed by GC once
-//! unreachable).
+//! `K` and `M` are the chunk and block-map node location indexes, many entries per key
+//! (`meta/buckets.rs`, format 6); `k` and `m` held one entry per key before and are moved
+//! into buckets at open. `n` holds a node's bytes in the metadata itself (formats 2-4:
+//! still read, never written, removed by GC once unreachable).
 //!
 //! File names never contain 0x00, so the separator keeps `d` keys of one directory
 //! contiguous and unambiguous.
@@ -38,6 +41,8 @@ pub const DIRENT: u8 = b'd';
 pub const CHUNK: u8 = b'k';
 pub const NODE: u8 = b'n';
 pub const NODE_LOC: u8 = b'm';
+pub const CHUNK_BUCKET: u8 = b'K';
+pub const NODE_BUCKET: u8 = b'M';
 pub const SNAPSHOT: u8 = b's';
 pub const ORPHAN: u8 = b'o';
 pub const VERSION: u8 = b'v';
