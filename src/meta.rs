@@ -231,7 +231,8 @@ pub struct InodeVersion {
 /// keys (measured: with 256 MiB, +22 MiB RSS per GiB of unique data; with 64 MiB,
 /// +10 MiB/GiB and flattening), so it is kept small: with 16 MiB (and the smaller node
 /// and location caches) RSS grew 88 MiB from 4 to 32 GiB of unique data, with 64 MiB
-/// 351 (issue 6). The hot part of the metadata has caches of its own (block-map nodes,
+/// 351 (issue 6), before the location indexes moved into buckets (`buckets.rs`), which
+/// removed sled's per-key memory: then flat from 8 GiB on. The hot part of the metadata has caches of its own (block-map nodes,
 /// chunk locations). A larger one (mount option `meta_cache=`) speeds random writes to
 /// large images: every chunk-index key is a hash, so each update pages a random part of
 /// the tree in.
