@@ -730,7 +730,14 @@ impl Meta {
 
     /// Where record `id` of `index` is stored.
     pub fn loc(&self, index: Index, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        buckets::get(&self.db, index.tag(), id)
+        match buckets::get(&self.db, index.tag(), id)? {
+            Some(loc) => Ok(Some(loc)),
+            // Absent, or a split raced the lookup: ask again with writers held off.
+            None => {
+                let _w = self.index_writes.lock();
+                buckets::get(&self.db, index.tag(), id)
+            }
+        }
     }
 
     /// Records where each of several records of `index` is stored.
