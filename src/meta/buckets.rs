@@ -222,6 +222,22 @@ mod tests {
         }
     }
 
+    /// A db whose bucket 0 holds `n` entries (returned sorted) and where only the first
+    /// step of a split at `cut` happened (a crash between the two writes).
+    fn torn(n: u64, cut: usize) -> (tempfile::TempDir, sled::Db, Entries) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut entries: Entries = (0..n)
+            .map(|n| (ChunkId::of(&n.to_le_bytes()), loc(n)))
+            .collect();
+        entries.sort_by_key(|e| e.0 .0);
+        db.insert(key(b'X', 0), encode(&entries)).unwrap();
+        let upper = entries[cut..].to_vec();
+        db.insert(key(b'X', prefix(&upper[0].0)), encode(&upper))
+            .unwrap();
+        (dir, db, entries)
+    }
+
     #[test]
     fn many_entries_split_and_stay_findable() {
         let dir = tempfile::tempdir().unwrap();
@@ -270,19 +286,7 @@ mod tests {
     /// lookups and iteration see each entry once.
     #[test]
     fn a_torn_split_is_read_right() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let mut entries: Entries = (0..10u64)
-            .map(|n| (ChunkId::of(&n.to_le_bytes()), loc(n)))
-            .collect();
-        entries.sort_by_key(|e| e.0 .0);
-        db.insert(key(b'X', 0), encode(&entries)).unwrap();
-        // The first step of a split only.
-        db.insert(
-            key(b'X', prefix(&entries[5].0)),
-            encode(&entries[5..].to_vec()),
-        )
-        .unwrap();
+        let (_dir, db, mut entries) = torn(10, 5);
         for (id, l) in &entries {
             assert_eq!(get(&db, b'X', id).unwrap(), Some(*l));
         }
@@ -316,18 +320,9 @@ mod tests {
     /// bucket the torn split created (changed since).
     #[test]
     fn the_split_after_a_torn_split_keeps_the_newer_bucket() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let mut entries: Entries = (0..200u64)
-            .map(|n| (ChunkId::of(&n.to_le_bytes()), loc(n)))
-            .collect();
-        entries.sort_by_key(|e| e.0 .0);
         // 17 entries in bucket 0; the first step of its split wrote 8..17 as bucket P.
-        entries.truncate(17);
-        db.insert(key(b'X', 0), encode(&entries)).unwrap();
+        let (_dir, db, entries) = torn(17, 8);
         let p = prefix(&entries[8].0);
-        db.insert(key(b'X', p), encode(&entries[8..].to_vec()))
-            .unwrap();
         // After the crash: a change in bucket P, then an insert below P.
         update(&db, b'X', &entries[10].0, |s| *s = Some(loc(999))).unwrap();
         let below = (1000..5000u64)
