@@ -277,11 +277,7 @@ impl ChunkStore {
         if active.len >= PACK_TARGET {
             *active = self.new_pack(active.id + 1)?;
         }
-        let kind = match index {
-            Index::Chunks => pack::Kind::Chunk,
-            Index::Nodes => pack::Kind::Node,
-        };
-        let offsets = active.append_many(kind, group)?;
+        let offsets = active.append_many(pack::Kind::of(index), group)?;
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -454,20 +450,19 @@ impl ChunkStore {
     /// a durable root names: the whole file). Appends wait for `then` (one sled flush).
     pub(crate) fn sync_then(&self, then: impl FnOnce() -> Result<()>) -> Result<()> {
         let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Sync without blocking appends first; if some came in meanwhile, try again, and
-        // at last sync them with appends held off.
-        for attempt in 0..3 {
-            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if attempt == 2 || self.all_synced() {
-                self.zero_ahead(&mut active);
-                self.sync_listed()?;
-                return then();
+        // Sync without blocking appends (twice at most, while appends keep coming), then
+        // whatever is left with appends held off: usually nothing.
+        for _ in 0..2 {
+            if self.all_synced() {
+                break;
             }
-            self.zero_ahead(&mut active);
-            drop(active);
+            self.zero_ahead(&mut self.active.lock().unwrap_or_else(|p| p.into_inner()));
             self.sync_listed()?;
         }
-        unreachable!("the last attempt returns")
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.zero_ahead(&mut active);
+        self.sync_listed()?;
+        then()
     }
 
     /// Nothing appended since the last sync, and no pack file created.

@@ -295,7 +295,7 @@ pub struct Datastore {
     /// Files whose last log record may be lost (a sync of the packs failed after it):
     /// their fsyncs run a full barrier until one has succeeded (io.rs, fsync).
     log_broken: Mutex<HashSet<InodeNo>>,
-    /// Tests: runs once in copy_file_range after the source's root was read.
+    /// Tests: runs once in copy_file_range after the source was flushed and its size read.
     #[cfg(test)]
     after_copy_source_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }

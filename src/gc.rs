@@ -362,18 +362,12 @@ fn sweep(
             chunk_len.insert(id, loc.len);
         }
     }
-    let unmarked_nodes = |ids: &mut dyn Iterator<Item = Result<ChunkId>>| -> Result<Vec<ChunkId>> {
-        let mut out = Vec::new();
-        for id in ids {
-            let id = id?;
-            if !marked_nodes.contains(&id) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+    let unmarked = |ids: &mut dyn Iterator<Item = Result<ChunkId>>| -> Result<Vec<ChunkId>> {
+        ids.filter(|id| id.as_ref().map_or(true, |id| !marked_nodes.contains(id)))
+            .collect()
     };
-    let node_cands = unmarked_nodes(&mut meta.locs(Index::Nodes).map(|e| e.map(|(id, _)| id)))?;
-    let legacy_cands = unmarked_nodes(&mut meta.legacy_node_ids())?;
+    let node_cands = unmarked(&mut meta.ids(Index::Nodes))?;
+    let legacy_cands = unmarked(&mut meta.legacy_node_ids())?;
     let chunk_cands: Vec<ChunkId> = chunk_len.keys().copied().collect();
     let total = (chunk_cands.len() + node_cands.len() + legacy_cands.len()) as u64;
     let mut done = 0u64;

@@ -231,11 +231,11 @@ pub struct InodeVersion {
 /// keys (measured: with 256 MiB, +22 MiB RSS per GiB of unique data; with 64 MiB,
 /// +10 MiB/GiB and flattening), so it is kept small: with 16 MiB (and the smaller node
 /// and location caches) RSS grew 88 MiB from 4 to 32 GiB of unique data, with 64 MiB
-/// 351 (issue 6), before the location indexes moved into buckets (`buckets.rs`), which
-/// removed sled's per-key memory: then flat from 8 GiB on. The hot part of the metadata has caches of its own (block-map nodes,
-/// chunk locations). A larger one (mount option `meta_cache=`) speeds random writes to
-/// large images: every chunk-index key is a hash, so each update pages a random part of
-/// the tree in.
+/// 351 (issue 6; before the location indexes moved into buckets, `buckets.rs`, which
+/// took out sled's per-key memory). The hot part of the metadata has caches of its own
+/// (block-map nodes, chunk locations). A larger one (mount option `meta_cache=`) speeds
+/// random writes to large images: every index key is a hash, so each update pages a
+/// random part of the tree in.
 pub const DEFAULT_CACHE: u64 = 16 << 20;
 
 impl Meta {
@@ -807,11 +807,6 @@ impl Meta {
         self.locs(Index::Chunks)
     }
 
-    /// Names of all indexed chunks (keys only: the locations are not decoded).
-    pub fn chunk_ids(&self) -> impl Iterator<Item = Result<ChunkId>> + '_ {
-        self.ids(Index::Chunks)
-    }
-
     /// Names of every entry of `index`.
     pub fn ids(&self, index: Index) -> impl Iterator<Item = Result<ChunkId>> + '_ {
         self.locs(index).map(|e| e.map(|(id, _)| id))
@@ -940,13 +935,9 @@ impl Meta {
 
     /// Removes block-map nodes held in the metadata itself, in one atomic batch.
     pub(crate) fn remove_legacy_nodes(&self, ids: &[ChunkId]) -> Result<()> {
-        self.remove_keys(keys::NODE, ids)
-    }
-
-    fn remove_keys(&self, tag: u8, ids: &[ChunkId]) -> Result<()> {
         let mut b = sled::Batch::default();
         for id in ids {
-            b.remove(keys::hashed(tag, id));
+            b.remove(keys::node(id));
         }
         self.db.apply_batch(b)?;
         Ok(())

@@ -139,10 +139,7 @@ pub fn scrub(
         }
     }
     let mut bad_nodes = HashSet::new();
-    let node_ids = meta
-        .locs(Index::Nodes)
-        .map(|e| e.map(|(id, _)| id))
-        .chain(meta.legacy_node_ids());
+    let node_ids = meta.ids(Index::Nodes).chain(meta.legacy_node_ids());
     for id in node_ids {
         let id = id?;
         report.nodes_checked += 1;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{FsError, Result};
 use crate::ids::ChunkId;
+use crate::meta::Index;
 
 /// Magic bytes at the start of every chunk record.
 pub const MAGIC: &[u8; 4] = b"TFC1";
@@ -302,6 +303,23 @@ impl Kind {
             Kind::Node => NODE_MAGIC,
             Kind::Log => LOG_MAGIC,
             Kind::Write => WRITE_MAGIC,
+        }
+    }
+
+    /// The kind of the records of `index`.
+    pub fn of(index: Index) -> Kind {
+        match index {
+            Index::Chunks => Kind::Chunk,
+            Index::Nodes => Kind::Node,
+        }
+    }
+
+    /// The index that locates records of this kind (`None`: log records, not indexed).
+    pub fn index(self) -> Option<Index> {
+        match self {
+            Kind::Chunk => Some(Index::Chunks),
+            Kind::Node => Some(Index::Nodes),
+            Kind::Log | Kind::Write => None,
         }
     }
 }

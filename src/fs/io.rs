@@ -854,11 +854,12 @@ impl Datastore {
                 return Err(FsError::Invalid("copy target is not a regular file".into()));
             }
             self.flush_state(&mut g)?;
-            let _gate = self.gc_gate.read(); // new nodes commit before a GC starts
-                                             // The source's subtrees are shared, not stored, so they are taken from the
-                                             // version committed now, under the gate: no collection can start, and a
-                                             // running one has marked or pinned all that a committed version reaches. The
-                                             // root read before may have been rewritten and freed since.
+            // New nodes commit before a GC starts. The source's subtrees are shared, not
+            // stored, so they are taken from the version committed now, under the gate:
+            // no collection can start, and a running one has marked or pinned all that a
+            // committed version reaches. (Not read with the size above: the source may
+            // have been rewritten and its old blocks freed since.)
+            let _gate = self.gc_gate.read();
             let Some(src_root) = self.committed_root(src, src_ino, view)? else {
                 return Ok(head); // the source is gone (a deleted snapshot)
             };
@@ -912,7 +913,11 @@ impl Datastore {
     ) -> Result<Option<Option<crate::meta::MapRoot>>> {
         Ok(match view {
             crate::meta::View::Live => self.meta.inode(src, view)?.map(|i| i.map),
-            crate::meta::View::At(_) => self.node_inode(src_node).ok().map(|i| i.map),
+            crate::meta::View::At(_) => match self.node_inode(src_node) {
+                Ok(i) => Some(i.map),
+                Err(FsError::NotFound) => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 

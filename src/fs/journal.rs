@@ -50,7 +50,7 @@ use super::{Datastore, InodeState};
 use crate::chunk::pack::Kind;
 use crate::error::Result;
 use crate::ids::{ChunkId, InodeNo};
-use crate::meta::{records, Batch, ChunkLoc, FileKind, Index, Inode, View};
+use crate::meta::{records, Batch, ChunkLoc, FileKind, Inode, View};
 
 /// An fsync logs the written bytes themselves (instead of flushing) when at most this
 /// many are not logged yet; more is flushed (the data would be written twice).
@@ -234,12 +234,8 @@ impl Datastore {
             self.chunks
                 .mark_unsynced(records.iter().map(|(_, _, loc)| loc.pack));
             for (kind, id, loc) in records {
-                match kind {
-                    Kind::Chunk | Kind::Node => {
-                        let index = match kind {
-                            Kind::Chunk => Index::Chunks,
-                            _ => Index::Nodes,
-                        };
+                match kind.index() {
+                    Some(index) => {
                         if self.meta.loc(index, &id)?.is_none()
                             && self.chunks.read_loc(&id, &loc).is_ok()
                         {
@@ -247,7 +243,7 @@ impl Datastore {
                             done.reindexed += 1;
                         }
                     }
-                    Kind::Log | Kind::Write => match self.replay_record(kind, &id, &loc)? {
+                    None => match self.replay_record(kind, &id, &loc)? {
                         true => done.applied += 1,
                         false => done.skipped += 1,
                     },
@@ -261,7 +257,7 @@ impl Datastore {
         self.meta.flush()?;
         if done.applied + done.reindexed > 0 {
             tracing::info!(
-                "intent log: {} flushes replayed ({} already durable), {} chunk index entries restored",
+                "intent log: {} flushes replayed ({} already durable), {} index entries restored",
                 done.applied,
                 done.skipped,
                 done.reindexed

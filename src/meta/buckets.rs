@@ -14,7 +14,8 @@
 //! written as a new bucket, then the old one is rewritten without it. A reader in between
 //! is routed to the new bucket for the upper half and finds every entry either way; a
 //! crash in between leaves copies in the old bucket that no lookup reaches and that
-//! iteration skips (it keeps only the names within each bucket's range).
+//! iteration skips (it keeps only the names within each bucket's range) and the bucket's
+//! next split drops.
 //!
 //! A bucket is never removed, even empty: its range would fall to the bucket below,
 //! which may still hold copies from a split a crash cut short. (Names are uniform
@@ -142,10 +143,6 @@ pub fn update<T>(
     change: impl FnOnce(&mut Option<ChunkLoc>) -> T,
 ) -> Result<T> {
     let (lo, mut entries) = bucket_of(db, tag, id)?.unwrap_or((0, Vec::new()));
-    // Copies left outside the range by a split a crash cut short go now: written back,
-    // they would be split off again over the live bucket above.
-    let hi = next_lo(db, tag, lo)?;
-    entries.retain(|(e, _)| prefix(e) >= lo && hi.is_none_or(|h| prefix(e) < h));
     let at = entries.binary_search_by(|(e, _)| e.0.cmp(&id.0));
     let mut slot = at.ok().map(|i| entries[i].1);
     let before = slot;
@@ -160,6 +157,12 @@ pub fn update<T>(
         }
         (Err(i), Some(loc)) => entries.insert(i, (*id, loc)),
         (Err(_), None) => {}
+    }
+    if entries.len() > BUCKET_MAX {
+        // Copies left outside the range by a split a crash cut short go first: no lookup
+        // reaches them here, but split off again they would overwrite the bucket above.
+        let hi = next_lo(db, tag, lo)?;
+        entries.retain(|(e, _)| prefix(e) >= lo && hi.is_none_or(|h| prefix(e) < h));
     }
     if entries.len() > BUCKET_MAX {
         // Split where the prefix changes nearest the middle (names sharing an 8-byte
