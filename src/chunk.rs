@@ -329,68 +329,86 @@ impl ChunkStore {
     }
 
     /// Reads and verifies several chunks, calling `visit(i, data)` for `ids[i]` in order.
-    /// Chunks that lie back to back in one pack (a sequentially written file) are read
-    /// with one `pread` per run of up to [`READ_RUN`] bytes instead of one per chunk. A
-    /// chunk whose run read fails or does not verify is read alone with [`Self::get`]
-    /// (which retries at a location GC compaction moved it to).
+    ///
+    /// The chunks of a sequentially written file lie back to back in one pack, so only the
+    /// first of such a run is looked up: it is read with the record header after it, and if
+    /// that header names the next chunk, the rest of the run (up to [`READ_RUN`] bytes) is
+    /// read with one `pread` and walked header by header. Each record found is taken only if
+    /// its header names the chunk wanted and its bytes hash to that name, so a wrong guess
+    /// costs a read, never wrong data. A chunk not found that way is looked up (through the
+    /// location cache and index) and read alone with [`Self::get`], which retries at a
+    /// location GC compaction moved it to.
     pub fn get_many(
         &self,
         ids: &[ChunkId],
         visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let mut locs = Vec::with_capacity(ids.len());
-        for id in ids {
-            locs.push(self.read_place(Index::Chunks, id)?);
-        }
         let mut i = 0;
         while i < ids.len() {
-            let Some(first) = locs[i] else {
+            let Some(first) = self.read_place(Index::Chunks, &ids[i])? else {
                 visit(i, &self.get(&ids[i])?)?;
                 i += 1;
                 continue;
             };
-            // Extend the run while the next record follows this one directly.
-            let mut j = i + 1;
-            let mut end = first.offset + first.len as u64;
-            while j < ids.len() {
-                match locs[j] {
-                    Some(l)
-                        if l.pack == first.pack
-                            && l.offset == end + pack::HEADER_LEN
-                            && l.offset + l.len as u64 - first.offset <= READ_RUN =>
-                    {
-                        end = l.offset + l.len as u64;
-                        j += 1;
+            let len = first.len as usize;
+            let more = ids.len() - i - 1;
+            let probe = if more > 0 {
+                pack::HEADER_LEN as usize
+            } else {
+                0
+            };
+            let read = self
+                .reader(first.pack)
+                .ok()
+                .and_then(|f| Some((pack::read_upto(&f, first.offset, len + probe).ok()?, f)));
+            let (head, file) = match read {
+                Some((head, file)) if head.len() >= len && ChunkId::of(&head[..len]) == ids[i] => {
+                    (head, file)
+                }
+                _ => {
+                    visit(i, &self.get(&ids[i])?)?;
+                    i += 1;
+                    continue;
+                }
+            };
+            visit(i, &head[..len])?;
+            i += 1;
+            if more == 0 || pack::names(&head[len..], &ids[i]).is_none() {
+                continue;
+            }
+            // The next record is the next chunk's: read on, assuming chunks of this size, to
+            // the header after the last one wanted.
+            let from = first.offset + len as u64;
+            let want = ((pack::HEADER_LEN + first.len as u64) * more as u64).min(READ_RUN);
+            let run = pack::read_upto(&file, from, (want + pack::HEADER_LEN) as usize)
+                .unwrap_or_default();
+            let mut at = 0;
+            while i < ids.len() {
+                match pack::chunk_record(&run[at..], &ids[i]) {
+                    Some(data) if ChunkId::of(data) == ids[i] => {
+                        visit(i, data)?;
+                        at += pack::HEADER_LEN as usize + data.len();
+                        i += 1;
                     }
                     _ => break,
                 }
             }
-            if j == i + 1 {
-                // Alone: read at the location already looked up.
-                let data = match self.read_loc(&ids[i], &first) {
-                    Ok(d) => d,
-                    Err(_) => self.get(&ids[i])?,
-                };
-                visit(i, &data)?;
-                i += 1;
-                continue;
-            }
-            let run = self
-                .reader(first.pack)
-                .ok()
-                .and_then(|f| pack::read_at(&f, first.offset, (end - first.offset) as usize).ok());
-            for k in i..j {
-                let l = locs[k].unwrap_or(first);
-                let data = run.as_ref().map(|r| {
-                    let at = (l.offset - first.offset) as usize;
-                    &r[at..at + l.len as usize]
-                });
-                match data {
-                    Some(d) if ChunkId::of(d) == ids[k] => visit(k, d)?,
-                    _ => visit(k, &self.get(&ids[k])?)?,
+            // A sequential reader's next request most likely starts at the record after
+            // the run: cache where it is, so that request needs no index lookup either.
+            if i == ids.len() {
+                if let Some((name, len)) = pack::chunk_header(&run[at..]) {
+                    let offset = from + (at as u64) + pack::HEADER_LEN;
+                    let pack = first.pack;
+                    self.locs.insert(
+                        name,
+                        ChunkLoc {
+                            pack,
+                            offset,
+                            len: len as u32,
+                        },
+                    );
                 }
             }
-            i = j;
         }
         Ok(())
     }
@@ -722,6 +740,72 @@ mod tests {
         assert!(matches!(err, FsError::Corrupt { .. }), "{err}");
         let (recs, _) = pack::scan(&path).unwrap();
         assert_eq!(recs.len(), 1);
+    }
+
+    /// Chunks stored back to back are read as one run: only the first is looked up, the
+    /// place of the record after the run is cached for the next read, and a record of the
+    /// run that does not verify is read where the index says instead.
+    #[test]
+    fn get_many_reads_runs_and_verifies_each_record() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("packs")).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
+        let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
+        let recs: Vec<(ChunkId, &[u8])> =
+            ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
+        assert_eq!(cs.put_many(&recs).unwrap(), 8);
+        cs.sync().unwrap();
+        let fresh =
+            || ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let read_all = |cs: &ChunkStore, ids: &[ChunkId]| {
+            let mut seen = Vec::new();
+            cs.get_many(ids, &mut |i, d| {
+                seen.push((i, d.to_vec()));
+                Ok(())
+            })
+            .map(|()| seen)
+        };
+        let want = |r: std::ops::Range<usize>| -> Vec<(usize, Vec<u8>)> {
+            r.clone()
+                .map(|i| (i - r.start, blocks[i].clone()))
+                .collect()
+        };
+
+        let cs1 = fresh();
+        assert_eq!(read_all(&cs1, &ids[..4]).unwrap(), want(0..4));
+        assert!(cs1.locs.contains(&ids[0]), "the first is looked up");
+        assert!(
+            (1..4).all(|i| !cs1.locs.contains(&ids[i])),
+            "the rest are not"
+        );
+        assert!(
+            cs1.locs.contains(&ids[4]),
+            "the next record's place is cached"
+        );
+        assert_eq!(read_all(&cs1, &ids[4..]).unwrap(), want(4..8));
+        assert!((5..8).all(|i| !cs1.locs.contains(&ids[i])));
+
+        // Damage record 3: the run stops there, and the read of 3 alone names it.
+        let loc3 = meta.chunk_loc(&ids[3]).unwrap().unwrap();
+        let path = pack::pack_path(cs.dir(), loc3.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[loc3.offset as usize + 100] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let cs2 = fresh();
+        let err = read_all(&cs2, &ids).unwrap_err();
+        assert!(
+            matches!(err, FsError::Corrupt { chunk, .. } if chunk == ids[3]),
+            "{err}"
+        );
+        // With a good copy elsewhere in the index, every chunk reads right.
+        let new = cs.append_copy(Index::Chunks, &ids[3], &blocks[3]).unwrap();
+        cs.sync().unwrap();
+        assert!(meta
+            .replace_loc(Index::Chunks, &ids[3], &loc3, &new)
+            .unwrap());
+        assert_eq!(read_all(&fresh(), &ids).unwrap(), want(0..8));
     }
 
     /// A barrier's metadata flush runs with appends held off: a record appended during

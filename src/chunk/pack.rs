@@ -263,6 +263,44 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Reads up to `len` bytes at `offset` of an open pack: fewer at its end.
+pub fn read_upto(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// The name and data length of the chunk record whose header starts `buf`.
+pub fn chunk_header(buf: &[u8]) -> Option<(ChunkId, usize)> {
+    let h = buf.get(..HEADER_LEN as usize)?;
+    if &h[..4] != MAGIC {
+        return None;
+    }
+    let len = u32::from_be_bytes(h[4..8].try_into().ok()?) as usize;
+    Some((ChunkId(h[8..].try_into().ok()?), len))
+}
+
+/// The data length of the chunk record whose header starts `buf`, if it names `id`.
+pub fn names(buf: &[u8], id: &ChunkId) -> Option<usize> {
+    chunk_header(buf).and_then(|(name, len)| (name == *id).then_some(len))
+}
+
+/// The data of the chunk record at the start of `buf` if its header names `id` and the
+/// whole record is in `buf` (the data is not verified).
+pub fn chunk_record<'a>(buf: &'a [u8], id: &ChunkId) -> Option<&'a [u8]> {
+    let len = names(buf, id)?;
+    buf.get(HEADER_LEN as usize..HEADER_LEN as usize + len)
+}
+
 /// One record found by [`scan`].
 pub struct Record {
     pub id: ChunkId,
