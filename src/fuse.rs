@@ -29,6 +29,8 @@ use crate::meta::{FileKind, Timestamp};
 
 /// How long the kernel may cache attributes and names.
 const TTL: Duration = Duration::from_secs(1);
+/// Readahead asked of the kernel (the mount also raises its bdi's to it: `crate::mount`).
+pub const MAX_READAHEAD: u32 = 1 << 20;
 /// Generation of every node id: ids are never reused, so it never changes.
 const GENERATION: Generation = Generation(0);
 
@@ -206,7 +208,7 @@ impl Filesystem for ThinFuse {
             }
         }
         let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.set_max_background(64);
         Ok(())
     }
