@@ -103,14 +103,19 @@ impl ChunkStore {
         .inspect(|cs| cs.build_filter_in_background())
     }
 
-    /// Builds the presence filter from the index on a thread (at open: nothing else
-    /// builds yet; until it is done every name is "maybe").
+    /// Loads the index's bucket directory and builds the presence filter from the index
+    /// on a thread (at open: nothing else builds yet; until it is done every name is
+    /// "maybe", and lookups scan for their bucket).
     fn build_filter_in_background(&self) {
         let fresh = self.begin_rebuild();
         let (meta, presence, stop) = (self.meta.clone(), self.presence.clone(), self.stop.clone());
         let spawned = std::thread::Builder::new()
             .name("thinfs-filter".into())
             .spawn(move || {
+                // The index's bucket keys first: from then on a lookup is one point read.
+                if let Err(e) = meta.load_directory(&stop) {
+                    tracing::warn!("index directory: scan failed ({e}); lookups scan sled");
+                }
                 if let Err(e) = presence.finish_rebuild(fresh, meta.all_ids(), &stop) {
                     tracing::warn!(
                         "chunk filter: index scan failed ({e}); every store looks the chunk up"

@@ -53,6 +53,8 @@ pub struct Meta {
     versions: FileVersions,
     /// Serializes changes of the location indexes (see `buckets.rs`).
     index_writes: parking_lot::Mutex<()>,
+    /// The keys of the location indexes' buckets, once loaded ([`Meta::load_directory`]).
+    buckets: buckets::Directory,
 }
 
 /// Versions of regular files' live records, for the intent log (`fs/journal.rs`).
@@ -293,6 +295,7 @@ impl Meta {
                 logged_only: Default::default(),
             },
             index_writes: Default::default(),
+            buckets: Default::default(),
         };
         // Versions are (open generation << 40) + n: unique across opens (2^40 flushes per
         // open: 35 years at 1,000 a second).
@@ -730,12 +733,12 @@ impl Meta {
 
     /// Where record `id` of `index` is stored.
     pub fn loc(&self, index: Index, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        match buckets::get(&self.db, index.tag(), id)? {
+        match buckets::get(&self.db, &self.buckets, index.tag(), id)? {
             Some(loc) => Ok(Some(loc)),
             // Absent, or a split raced the lookup: ask again with writers held off.
             None => {
                 let _w = self.index_writes.lock();
-                buckets::get(&self.db, index.tag(), id)
+                buckets::get(&self.db, &self.buckets, index.tag(), id)
             }
         }
     }
@@ -744,9 +747,18 @@ impl Meta {
     pub fn put_locs(&self, index: Index, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
         let _w = self.index_writes.lock();
         for (id, loc) in locs {
-            buckets::update(&self.db, index.tag(), id, |slot| *slot = Some(*loc))?;
+            buckets::update(&self.db, &self.buckets, index.tag(), id, |slot| {
+                *slot = Some(*loc)
+            })?;
         }
         Ok(())
+    }
+
+    /// Loads the keys of every index bucket into memory, so lookups read their bucket
+    /// directly (see [`buckets::Directory`]). Returns false if `stop` ended it first.
+    pub(crate) fn load_directory(&self, stop: &AtomicBool) -> Result<bool> {
+        let tags: Vec<u8> = Index::ALL.iter().map(|i| i.tag()).collect();
+        self.buckets.load(&self.db, &tags, stop)
     }
 
     /// Every entry of `index`, in name order.
@@ -928,7 +940,9 @@ impl Meta {
     pub(crate) fn remove_locs(&self, index: Index, ids: &[ChunkId]) -> Result<()> {
         let _w = self.index_writes.lock();
         for id in ids {
-            buckets::update(&self.db, index.tag(), id, |slot| *slot = None)?;
+            buckets::update(&self.db, &self.buckets, index.tag(), id, |slot| {
+                *slot = None
+            })?;
         }
         Ok(())
     }
@@ -953,7 +967,7 @@ impl Meta {
         new: &ChunkLoc,
     ) -> Result<bool> {
         let _w = self.index_writes.lock();
-        buckets::update(&self.db, index.tag(), id, |slot| {
+        buckets::update(&self.db, &self.buckets, index.tag(), id, |slot| {
             let swap = *slot == Some(*old);
             if swap {
                 *slot = Some(*new);

@@ -23,6 +23,13 @@
 //!
 //! Writers are serialized by the caller's lock ([`super::Meta`] holds it); readers take
 //! no lock.
+//!
+//! Finding a bucket is a reverse range scan in sled, which clones the whole leaf it
+//! reads. Once a [`Directory`] of every bucket key is loaded (in the background at open),
+//! a lookup finds the key in memory and reads the bucket with one point `get` instead.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{FsError, Result};
 use crate::ids::ChunkId;
@@ -97,8 +104,82 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<Entries> {
         .collect())
 }
 
-/// The bucket that covers `id` (its key and entries), if the index has any bucket.
-fn bucket_of(db: &sled::Db, tag: u8, id: &ChunkId) -> Result<Option<(u64, Entries)>> {
+/// The keys of every bucket, in memory, so that finding a name's bucket needs no scan.
+///
+/// Buckets are never removed, so the set only grows: [`Directory::load`] adds the keys
+/// it scans, and a split adds its new key right after writing the new bucket (before
+/// rewriting the old one), so once loaded the set holds every key in sled. A lock-free
+/// reader may miss a key being added: it then reads the old bucket, which holds every
+/// entry until the split's second write, and after it answers absent for the moved half,
+/// which callers ask again holding the writers' lock. ~15 bytes of memory a bucket
+/// (under 1 byte per indexed name).
+#[derive(Default)]
+pub struct Directory {
+    keys: parking_lot::RwLock<BTreeSet<[u8; 9]>>,
+    loaded: AtomicBool,
+}
+
+impl Directory {
+    /// Adds the key of every bucket of the `tags` indexes; lookups use the directory from
+    /// then on. Returns false if `stop` was set first (the directory stays unused).
+    pub fn load(&self, db: &sled::Db, tags: &[u8], stop: &AtomicBool) -> Result<bool> {
+        for &tag in tags {
+            let mut run = Vec::with_capacity(4096);
+            let mut scan = db.scan_prefix([tag]);
+            loop {
+                let next = scan.next().transpose()?;
+                if let Some((k, _)) = &next {
+                    run.push(<[u8; 9]>::try_from(&k[..]).map_err(|_| {
+                        FsError::Meta(format!("index bucket key {:02x?} is not 9 bytes", &k[..]))
+                    })?);
+                }
+                if run.len() == run.capacity() || next.is_none() {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                    self.keys.write().extend(run.drain(..));
+                }
+                if next.is_none() {
+                    break;
+                }
+            }
+        }
+        self.loaded.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    fn add(&self, key: [u8; 9]) {
+        self.keys.write().insert(key);
+    }
+
+    /// The key of the bucket covering `id`: `None` while not loaded, `Some(None)` if the
+    /// index has no bucket.
+    fn find(&self, tag: u8, id: &ChunkId) -> Option<Option<[u8; 9]>> {
+        if !self.loaded.load(Ordering::Acquire) {
+            return None;
+        }
+        let keys = self.keys.read();
+        let k = keys.range(..=key(tag, prefix(id))).next_back();
+        Some(k.filter(|k| k[0] == tag).copied())
+    }
+}
+
+/// The bucket that covers `id` (its `lo` and entries), if the index has any bucket.
+fn bucket_of(
+    db: &sled::Db,
+    dir: &Directory,
+    tag: u8,
+    id: &ChunkId,
+) -> Result<Option<(u64, Entries)>> {
+    if let Some(found) = dir.find(tag, id) {
+        let Some(k) = found else {
+            return Ok(None);
+        };
+        if let Some(v) = db.get(k)? {
+            return Ok(Some((lo_of(&k), decode(&k, &v)?)));
+        }
+        // Unreachable (buckets are never removed); the scan below decides.
+    }
     let Some((k, v)) = db.range(..=key(tag, prefix(id))).next_back().transpose()? else {
         return Ok(None);
     };
@@ -110,9 +191,10 @@ fn bucket_of(db: &sled::Db, tag: u8, id: &ChunkId) -> Result<Option<(u64, Entrie
 
 /// Where `id` is, if indexed. A lookup that finds nothing may have raced a split (sled's
 /// reverse iteration reads one leaf at a time, so it can see the old bucket after its
-/// upper half moved out): the caller repeats it holding the writers' lock.
-pub fn get(db: &sled::Db, tag: u8, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-    let Some((_, entries)) = bucket_of(db, tag, id)? else {
+/// upper half moved out; a directory lookup may miss the new bucket's key): the caller
+/// repeats it holding the writers' lock.
+pub fn get(db: &sled::Db, dir: &Directory, tag: u8, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+    let Some((_, entries)) = bucket_of(db, dir, tag, id)? else {
         return Ok(None);
     };
     Ok(entries
@@ -138,11 +220,14 @@ fn next_lo(db: &sled::Db, tag: u8, lo: u64) -> Result<Option<u64>> {
 /// lock.
 pub fn update<T>(
     db: &sled::Db,
+    dir: &Directory,
     tag: u8,
     id: &ChunkId,
     change: impl FnOnce(&mut Option<ChunkLoc>) -> T,
 ) -> Result<T> {
-    let (lo, mut entries) = bucket_of(db, tag, id)?.unwrap_or((0, Vec::new()));
+    let found = bucket_of(db, dir, tag, id)?;
+    let first = found.is_none();
+    let (lo, mut entries) = found.unwrap_or((0, Vec::new()));
     let at = entries.binary_search_by(|(e, _)| e.0.cmp(&id.0));
     let mut slot = at.ok().map(|i| entries[i].1);
     let before = slot;
@@ -173,10 +258,15 @@ pub fn update<T>(
             .find(|&i| prefix(&entries[i].0) != prefix(&entries[i - 1].0));
         if let Some(cut) = cut {
             let upper = entries.split_off(cut);
-            db.insert(key(tag, prefix(&upper[0].0)), encode(&upper))?;
+            let k = key(tag, prefix(&upper[0].0));
+            db.insert(k, encode(&upper))?;
+            dir.add(k);
         }
     }
     db.insert(key(tag, lo), encode(&entries))?;
+    if first {
+        dir.add(key(tag, lo));
+    }
     Ok(out)
 }
 
@@ -245,20 +335,38 @@ mod tests {
         (dir, db, entries)
     }
 
+    /// A directory for `db`: loaded (lookups use it) or not (lookups scan).
+    fn directory(db: &sled::Db, loaded: bool) -> Directory {
+        let d = Directory::default();
+        if loaded {
+            assert!(d.load(db, b"X", &AtomicBool::new(false)).unwrap());
+        }
+        d
+    }
+
     #[test]
     fn many_entries_split_and_stay_findable() {
+        for loaded in [false, true] {
+            many_entries(loaded);
+        }
+    }
+
+    fn many_entries(loaded: bool) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
+        let d = directory(&db, loaded);
         let ids: Vec<ChunkId> = (0..2000u64)
             .map(|n| ChunkId::of(&n.to_le_bytes()))
             .collect();
         for (n, id) in ids.iter().enumerate() {
-            update(&db, b'X', id, |s| *s = Some(loc(n as u64))).unwrap();
+            update(&db, &d, b'X', id, |s| *s = Some(loc(n as u64))).unwrap();
         }
         for (n, id) in ids.iter().enumerate() {
-            assert_eq!(get(&db, b'X', id).unwrap(), Some(loc(n as u64)));
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(loc(n as u64)));
         }
-        assert!(get(&db, b'X', &ChunkId::of(b"absent")).unwrap().is_none());
+        assert!(get(&db, &d, b'X', &ChunkId::of(b"absent"))
+            .unwrap()
+            .is_none());
         let buckets = db.scan_prefix([b'X']).count();
         assert!(
             (2000 / BUCKET_MAX..=2000 * 2 / BUCKET_MAX + 1).contains(&buckets),
@@ -269,7 +377,7 @@ mod tests {
         assert!(all.windows(2).all(|w| w[0].0 .0 < w[1].0 .0), "name order");
         // Replace, then remove every other entry.
         for (n, id) in ids.iter().enumerate() {
-            let was = update(&db, b'X', id, |s| {
+            let was = update(&db, &d, b'X', id, |s| {
                 let was = *s;
                 *s = if n % 2 == 0 { None } else { Some(loc(5)) };
                 was
@@ -279,11 +387,11 @@ mod tests {
         }
         for (n, id) in ids.iter().enumerate() {
             let want = (n % 2 == 1).then(|| loc(5));
-            assert_eq!(get(&db, b'X', id).unwrap(), want);
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), want);
         }
         assert_eq!(iter(&db, b'X').count(), 1000);
         for id in &ids {
-            update(&db, b'X', id, |s| *s = None).unwrap();
+            update(&db, &d, b'X', id, |s| *s = None).unwrap();
         }
         assert_eq!(iter(&db, b'X').count(), 0);
         assert_eq!(db.scan_prefix([b'X']).count(), buckets, "buckets stay");
@@ -293,9 +401,16 @@ mod tests {
     /// lookups and iteration see each entry once.
     #[test]
     fn a_torn_split_is_read_right() {
+        for loaded in [false, true] {
+            torn_split_read(loaded);
+        }
+    }
+
+    fn torn_split_read(loaded: bool) {
         let (_dir, db, mut entries) = torn(10, 5);
+        let d = directory(&db, loaded);
         for (id, l) in &entries {
-            assert_eq!(get(&db, b'X', id).unwrap(), Some(*l));
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(*l));
         }
         let all: Vec<_> = iter(&db, b'X').map(|e| e.unwrap()).collect();
         assert_eq!(all, entries);
@@ -306,19 +421,19 @@ mod tests {
             .filter(|id| prefix(id) < prefix(&entries[5].0))
             .take(12)
             .collect();
-        update(&db, b'X', &entries[6].0, |s| *s = Some(loc(66))).unwrap();
+        update(&db, &d, b'X', &entries[6].0, |s| *s = Some(loc(66))).unwrap();
         for id in &more {
-            update(&db, b'X', id, |s| *s = Some(loc(1))).unwrap();
+            update(&db, &d, b'X', id, |s| *s = Some(loc(1))).unwrap();
         }
-        assert_eq!(get(&db, b'X', &entries[6].0).unwrap(), Some(loc(66)));
+        assert_eq!(get(&db, &d, b'X', &entries[6].0).unwrap(), Some(loc(66)));
         for id in &more {
-            assert_eq!(get(&db, b'X', id).unwrap(), Some(loc(1)));
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(loc(1)));
         }
         entries[6].1 = loc(66);
         // Emptying the new bucket must not bring back the old copies below it.
         for (id, _) in &entries[5..] {
-            update(&db, b'X', id, |s| *s = None).unwrap();
-            assert_eq!(get(&db, b'X', id).unwrap(), None);
+            update(&db, &d, b'X', id, |s| *s = None).unwrap();
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), None);
         }
         assert_eq!(iter(&db, b'X').count(), 5 + more.len());
     }
@@ -327,18 +442,93 @@ mod tests {
     /// bucket the torn split created (changed since).
     #[test]
     fn the_split_after_a_torn_split_keeps_the_newer_bucket() {
+        for loaded in [false, true] {
+            split_after_torn_split(loaded);
+        }
+    }
+
+    fn split_after_torn_split(loaded: bool) {
         // 17 entries in bucket 0; the first step of its split wrote 8..17 as bucket P.
         let (_dir, db, entries) = torn(17, 8);
+        let d = directory(&db, loaded);
         let p = prefix(&entries[8].0);
         // After the crash: a change in bucket P, then an insert below P.
-        update(&db, b'X', &entries[10].0, |s| *s = Some(loc(999))).unwrap();
+        update(&db, &d, b'X', &entries[10].0, |s| *s = Some(loc(999))).unwrap();
         let below = (1000..5000u64)
             .map(|n| (ChunkId::of(&n.to_le_bytes()), loc(n)))
             .find(|(id, _)| prefix(id) < p && !entries.iter().any(|(e, _)| e == id))
             .unwrap();
-        update(&db, b'X', &below.0, |s| *s = Some(below.1)).unwrap();
-        assert_eq!(get(&db, b'X', &entries[10].0).unwrap(), Some(loc(999)));
-        assert_eq!(get(&db, b'X', &below.0).unwrap(), Some(below.1));
+        update(&db, &d, b'X', &below.0, |s| *s = Some(below.1)).unwrap();
+        assert_eq!(get(&db, &d, b'X', &entries[10].0).unwrap(), Some(loc(999)));
+        assert_eq!(get(&db, &d, b'X', &below.0).unwrap(), Some(below.1));
         assert_eq!(iter(&db, b'X').count(), 18);
+    }
+
+    /// Lock-free lookups while a writer splits buckets and the directory loads: every
+    /// entry written before a lookup starts is found, by the first lookup or by the one
+    /// repeated under the writers' lock (as `Meta::loc` does), never with another place.
+    #[test]
+    fn lookups_during_splits_and_the_directory_load_find_every_entry() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let d = Directory::default();
+        let writes = parking_lot::Mutex::new(());
+        let ids: Vec<ChunkId> = (0..4000u64)
+            .map(|n| ChunkId::of(&n.to_le_bytes()))
+            .collect();
+        let written = AtomicUsize::new(0);
+        let retried = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (n, id) in ids.iter().enumerate() {
+                    let _w = writes.lock();
+                    update(&db, &d, b'X', id, |s| *s = Some(loc(n as u64))).unwrap();
+                    drop(_w);
+                    written.store(n + 1, Ordering::Release);
+                    if n == 1500 {
+                        // Loads while the writer goes on.
+                        s.spawn(|| assert!(d.load(&db, b"X", &AtomicBool::new(false)).unwrap()));
+                    }
+                }
+            });
+            for reader in 0..2u64 {
+                let (db, d, ids, written, retried, writes) =
+                    (&db, &d, &ids, &written, &retried, &writes);
+                s.spawn(move || {
+                    let mut state = reader;
+                    while written.load(Ordering::Acquire) < ids.len() {
+                        let upto = written.load(Ordering::Acquire);
+                        if upto == 0 {
+                            continue;
+                        }
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let n = (state >> 33) % upto as u64;
+                        let id = &ids[n as usize];
+                        let got = match get(db, d, b'X', id).unwrap() {
+                            Some(l) => Some(l),
+                            None => {
+                                retried.fetch_add(1, Ordering::Relaxed);
+                                let _w = writes.lock();
+                                get(db, d, b'X', id).unwrap()
+                            }
+                        };
+                        assert_eq!(got, Some(loc(n)), "entry {n}");
+                    }
+                });
+            }
+        });
+        assert!(d.loaded.load(Ordering::Acquire));
+        let keys = d.keys.read().len();
+        assert_eq!(
+            keys,
+            db.scan_prefix([b'X']).count(),
+            "every bucket key, once each"
+        );
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(loc(n as u64)));
+        }
     }
 }
