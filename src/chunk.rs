@@ -61,6 +61,9 @@ pub struct ChunkStore {
     /// Tests: the next sync fails as a device error would.
     #[cfg(test)]
     pub(crate) fail_next_sync: AtomicBool,
+    /// Tests: bytes [`ChunkStore::get_many`] read from packs.
+    #[cfg(test)]
+    read_bytes: std::sync::atomic::AtomicU64,
     /// Chunks stored or deduplicated against during a garbage collection.
     pins: Arc<Pins>,
     /// Which names the two indexes may hold (spares the index lookup of a new chunk or node).
@@ -94,6 +97,8 @@ impl ChunkStore {
             syncs: Default::default(),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            read_bytes: Default::default(),
             pins,
             presence: Arc::default(),
             locs: TwoGenCache::new(LOC_CACHE_GENERATION),
@@ -112,14 +117,14 @@ impl ChunkStore {
         let spawned = std::thread::Builder::new()
             .name("thinfs-filter".into())
             .spawn(move || {
-                // The index's bucket keys first: from then on a lookup is one point read.
-                if let Err(e) = meta.load_directory(&stop) {
-                    tracing::warn!("index directory: scan failed ({e}); lookups scan sled");
-                }
                 if let Err(e) = presence.finish_rebuild(fresh, meta.all_ids(), &stop) {
                     tracing::warn!(
                         "chunk filter: index scan failed ({e}); every store looks the chunk up"
                     );
+                }
+                // Then the index's bucket keys: from then on a lookup is one point read.
+                if let Err(e) = meta.load_directory(&stop) {
+                    tracing::warn!("index directory: scan failed ({e}); lookups scan sled");
                 }
             });
         match spawned {
@@ -381,41 +386,59 @@ impl ChunkStore {
             if more == 0 || pack::names(&head[len..], &ids[i]).is_none() {
                 continue;
             }
-            // The next record is the next chunk's: read on, assuming chunks of this size, to
-            // the header after the last one wanted.
-            let from = first.offset + len as u64;
-            let want = ((pack::HEADER_LEN + first.len as u64) * more as u64).min(READ_RUN);
-            let run = pack::read_upto(&file, from, (want + pack::HEADER_LEN) as usize)
-                .unwrap_or_default();
-            let mut at = 0;
-            while i < ids.len() {
-                match pack::chunk_record(&run[at..], &ids[i]) {
-                    Some(data) if ChunkId::of(data) == ids[i] => {
-                        visit(i, data)?;
-                        at += pack::HEADER_LEN as usize + data.len();
-                        i += 1;
+            // The next record is the next chunk's: read on in windows of records of this
+            // size, 2 at first and doubling while each window holds only records wanted (so
+            // a file whose blocks interleave with another's reads at most about twice what
+            // it uses), each to the header after its last record.
+            let rec = pack::HEADER_LEN + first.len as u64;
+            let mut from = first.offset + len as u64;
+            let mut window = 2u64;
+            loop {
+                let span = (rec * window.min((ids.len() - i) as u64)).min(READ_RUN);
+                let run = pack::read_upto(&file, from, (span + pack::HEADER_LEN) as usize)
+                    .unwrap_or_default();
+                #[cfg(test)]
+                self.read_bytes
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                let (start, mut at) = (i, 0);
+                while i < ids.len() {
+                    match pack::chunk_record(&run[at..], &ids[i]) {
+                        Some(data) if ChunkId::of(data) == ids[i] => {
+                            visit(i, data)?;
+                            at += pack::HEADER_LEN as usize + data.len();
+                            i += 1;
+                        }
+                        _ => break,
                     }
-                    _ => break,
                 }
-            }
-            // A sequential reader's next request most likely starts at the record after
-            // the run: cache where it is, so that request needs no index lookup either.
-            if i == ids.len() {
-                if let Some((name, len)) = pack::chunk_header(&run[at..]) {
-                    let offset = from + (at as u64) + pack::HEADER_LEN;
-                    let pack = first.pack;
-                    self.locs.insert(
-                        name,
-                        ChunkLoc {
-                            pack,
-                            offset,
-                            len: len as u32,
-                        },
-                    );
+                if i == ids.len() {
+                    self.hint_next(first.pack, from + at as u64, &run[at..], first.len);
+                    break;
                 }
+                // On only if the window ended at a record of the next chunk.
+                if i == start || pack::names(&run[at..], &ids[i]).is_none() {
+                    break;
+                }
+                from += at as u64;
+                window *= 2;
             }
         }
         Ok(())
+    }
+
+    /// Caches where the chunk record whose header starts `header` (at `offset` of pack
+    /// `pack`) is, when a sequential reader's next request likely starts there: the next
+    /// request then needs no index lookup either. Only a record no longer than the run's
+    /// (`max_len`) and a name not cached already (a cached place came from the index).
+    fn hint_next(&self, pack: u32, offset: u64, header: &[u8], max_len: u32) {
+        let Some((name, len)) = pack::chunk_header(header) else {
+            return;
+        };
+        if len as u64 <= max_len as u64 && !self.locs.contains(&name) {
+            let offset = offset + pack::HEADER_LEN;
+            let len = len as u32;
+            self.locs.insert(name, ChunkLoc { pack, offset, len });
+        }
     }
 
     /// Reads the bytes at `loc` and checks they hash to `id`.
@@ -811,6 +834,63 @@ mod tests {
             .replace_loc(Index::Chunks, &ids[3], &loc3, &new)
             .unwrap());
         assert_eq!(read_all(&fresh(), &ids).unwrap(), want(0..8));
+    }
+
+    /// Two files whose blocks interleave in the pack two by two: reading one of them
+    /// takes runs of two and reads little it does not use. A header after a run that
+    /// claims a length longer than the run's records is not cached as a place.
+    #[test]
+    fn get_many_reads_little_more_than_it_uses_when_files_interleave() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("packs")).unwrap();
+        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let block = |f: u32, i: u32| {
+            let mut b = vec![0u8; 4096];
+            b[..8].copy_from_slice(&[f.to_le_bytes(), i.to_le_bytes()].concat());
+            b
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for i in (0..64).step_by(2) {
+            for (f, ids) in [(1, &mut a), (2, &mut b)] {
+                let pair = [block(f, i), block(f, i + 1)];
+                let recs: Vec<(ChunkId, &[u8])> =
+                    pair.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
+                cs.put_many(&recs).unwrap();
+                ids.extend(recs.iter().map(|r| r.0));
+            }
+        }
+        cs.sync().unwrap();
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let mut n = 0;
+        cs.get_many(&a, &mut |i, d| {
+            assert_eq!(d, &block(1, i as u32)[..]);
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 64);
+        let read = cs.read_bytes.load(Ordering::Relaxed);
+        assert!(read <= 64 * 4096 * 3, "read {read} bytes for 256 KiB");
+
+        // A run whose next header claims a huge length: no place is cached for it.
+        let c: Vec<Vec<u8>> = (0..3).map(|i| block(3, i)).collect();
+        let recs: Vec<(ChunkId, &[u8])> = c.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
+        cs.put_many(&recs).unwrap();
+        cs.sync().unwrap();
+        let loc2 = meta.chunk_loc(&recs[2].0).unwrap().unwrap();
+        let path = pack::pack_path(cs.dir(), loc2.pack);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&u32::MAX.to_be_bytes(), loc2.offset - pack::HEADER_LEN + 4)
+            .unwrap();
+        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        cs.get_many(&[recs[0].0, recs[1].0], &mut |_, _| Ok(()))
+            .unwrap();
+        assert!(
+            !cs.locs.contains(&recs[2].0),
+            "no place from a header claiming 4 GiB"
+        );
     }
 
     /// A barrier's metadata flush runs with appends held off: a record appended during

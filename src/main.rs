@@ -27,12 +27,18 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// and 12.6% under the fleet ingest. Handed back after 10 s instead: daemon CPU per
 /// 4 GiB sequential write 11.0-11.7 -> 10.0-10.3 s, per 6 GiB of fleet copies 7.8-8.6 ->
 /// 6.6 s; the memory still goes back once the daemon idles. `MIMALLOC_PURGE_DELAY`
-/// in the environment still decides.
+/// (or its old name `MIMALLOC_RESET_DELAY`) in the environment still decides.
 fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    if !purge_delay_in_env() {
         // SAFETY: sets a process-wide allocator option; any value is valid.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
     }
+}
+
+fn purge_delay_in_env() -> bool {
+    ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
 }
 
 fn main() -> ExitCode {
@@ -514,12 +520,12 @@ mod tests {
     fn the_purge_delay_option_is_the_one_set() {
         // SAFETY: reads and sets an allocator option.
         let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        if !purge_delay_in_env() {
             assert_eq!(before, 1000, "mimalloc v3's default purge delay (ms)");
         }
         tune_allocator();
         let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        if !purge_delay_in_env() {
             assert_eq!(after, 10_000);
         }
     }
