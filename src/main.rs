@@ -16,33 +16,7 @@ use thinfs::fs::{Datastore, OpenOptions};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in the `mi_option_e` enum of the mimalloc the locked
-/// libmimalloc-sys builds (v3 `mimalloc.h`; the crate's constants follow v2's numbering
-/// and have none for it). A test checks it against the documented default.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc hands freed pages back to the kernel 1 s after they empty; the write path
-/// churns through block buffers faster than that, so a FUSE thread kept faulting in fresh
-/// (2 MiB, zeroed) pages: clear_page was 7% of the daemon's CPU under a sequential write
-/// and 12.6% under the fleet ingest. Handed back after 10 s instead: daemon CPU per
-/// 4 GiB sequential write 11.0-11.7 -> 10.0-10.3 s, per 6 GiB of fleet copies 7.8-8.6 ->
-/// 6.6 s; the memory still goes back once the daemon idles. `MIMALLOC_PURGE_DELAY`
-/// (or its old name `MIMALLOC_RESET_DELAY`) in the environment still decides.
-fn tune_allocator() {
-    if !purge_delay_in_env() {
-        // SAFETY: sets a process-wide allocator option; any value is valid.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
-    }
-}
-
-fn purge_delay_in_env() -> bool {
-    ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_env("THINFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error,sled=warn"));
     tracing_subscriber::fmt()
@@ -510,23 +484,4 @@ fn print_stats(v: &serde_json::Value, json: bool) {
         "dedup ratio  {:.2}x",
         v.get("dedup_ratio").and_then(|x| x.as_f64()).unwrap_or(1.0)
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_purge_delay_option_is_the_one_set() {
-        // SAFETY: reads and sets an allocator option.
-        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if !purge_delay_in_env() {
-            assert_eq!(before, 1000, "mimalloc v3's default purge delay (ms)");
-        }
-        tune_allocator();
-        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if !purge_delay_in_env() {
-            assert_eq!(after, 10_000);
-        }
-    }
 }
