@@ -746,12 +746,23 @@ impl Drop for ChunkStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stores_once_and_verifies() {
+    /// A fresh store in a temp dir: the dir, its metadata and its chunk store.
+    fn new_store() -> (tempfile::TempDir, Arc<Meta>, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("packs")).unwrap();
         let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let cs = reopen(&dir, &meta);
+        (dir, meta, cs)
+    }
+
+    /// The chunk store of `dir` opened again (cold caches).
+    fn reopen(dir: &tempfile::TempDir, meta: &Arc<Meta>) -> ChunkStore {
+        ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn stores_once_and_verifies() {
+        let (dir, meta, cs) = new_store();
         let a = vec![7u8; 4096];
         let id = cs.put(&a).unwrap();
         assert!(!cs.put_hashed(id, &a).unwrap(), "second put is a dedup hit");
@@ -775,18 +786,14 @@ mod tests {
     /// run that does not verify is read where the index says instead.
     #[test]
     fn get_many_reads_runs_and_verifies_each_record() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("packs")).unwrap();
-        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let (dir, meta, cs) = new_store();
         let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
         let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
         let recs: Vec<(ChunkId, &[u8])> =
             ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
         assert_eq!(cs.put_many(&recs).unwrap(), 8);
         cs.sync().unwrap();
-        let fresh =
-            || ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let fresh = || reopen(&dir, &meta);
         let read_all = |cs: &ChunkStore, ids: &[ChunkId]| {
             let mut seen = Vec::new();
             cs.get_many(ids, &mut |i, d| {
@@ -841,10 +848,7 @@ mod tests {
     /// claims a length longer than the run's records is not cached as a place.
     #[test]
     fn get_many_reads_little_more_than_it_uses_when_files_interleave() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("packs")).unwrap();
-        let meta = Arc::new(Meta::open(&dir.path().join("meta")).unwrap());
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let (dir, meta, cs) = new_store();
         let block = |f: u32, i: u32| {
             let mut b = vec![0u8; 4096];
             b[..8].copy_from_slice(&[f.to_le_bytes(), i.to_le_bytes()].concat());
@@ -861,7 +865,7 @@ mod tests {
             }
         }
         cs.sync().unwrap();
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let cs = reopen(&dir, &meta);
         let mut n = 0;
         cs.get_many(&a, &mut |i, d| {
             assert_eq!(d, &block(1, i as u32)[..]);
@@ -884,7 +888,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         f.write_all_at(&u32::MAX.to_be_bytes(), loc2.offset - pack::HEADER_LEN + 4)
             .unwrap();
-        let cs = ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap();
+        let cs = reopen(&dir, &meta);
         cs.get_many(&[recs[0].0, recs[1].0], &mut |_, _| Ok(()))
             .unwrap();
         assert!(
