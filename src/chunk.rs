@@ -341,9 +341,9 @@ impl ChunkStore {
     /// Reads and verifies several chunks, calling `visit(i, data)` for `ids[i]` in order.
     ///
     /// The chunks of a sequentially written file lie back to back in one pack, so only the
-    /// first of such a run is looked up: it is read with the record header after it, and if
-    /// that header names the next chunk, the rest of the run (up to [`READ_RUN`] bytes) is
-    /// read with one `pread` and walked header by header. Each record found is taken only if
+    /// first of such a run is looked up: the run is read from its header on in growing
+    /// windows (up to [`READ_RUN`] bytes each) and walked header by header, and the place of
+    /// the record after it is cached for the next request. Each record found is taken only if
     /// its header names the chunk wanted and its bytes hash to that name, so a wrong guess
     /// costs a read, never wrong data. A chunk not found that way is looked up (through the
     /// location cache and index) and read alone with [`Self::get`], which retries at a
@@ -360,47 +360,22 @@ impl ChunkStore {
                 i += 1;
                 continue;
             };
-            let len = first.len as usize;
-            let more = ids.len() - i - 1;
-            let probe = if more > 0 {
-                pack::HEADER_LEN as usize
-            } else {
-                0
-            };
-            let read = self
-                .reader(first.pack)
-                .ok()
-                .and_then(|f| Some((pack::read_upto(&f, first.offset, len + probe).ok()?, f)));
-            let (head, file) = match read {
-                Some((head, file)) if head.len() >= len && ChunkId::of(&head[..len]) == ids[i] => {
-                    (head, file)
-                }
-                _ => {
-                    visit(i, &self.get(&ids[i])?)?;
-                    i += 1;
-                    continue;
-                }
-            };
-            visit(i, &head[..len])?;
-            i += 1;
-            if more == 0 || pack::names(&head[len..], &ids[i]).is_none() {
-                continue;
-            }
-            // The next record is the next chunk's: read on in windows of records of this
-            // size, 2 at first and doubling while each window holds only records wanted (so
-            // a file whose blocks interleave with another's reads at most about twice what
-            // it uses), each to the header after its last record.
+            // Read from this record's header on in windows of records of this size, 1 at
+            // first and doubling while each window holds only records wanted (so a file
+            // whose blocks interleave with another's reads at most about twice what it
+            // uses), each to the header after its last record.
+            let file = self.reader(first.pack).ok();
             let rec = pack::HEADER_LEN + first.len as u64;
-            let mut from = first.offset + len as u64;
-            let mut window = 2u64;
-            loop {
+            let mut from = first.offset.checked_sub(pack::HEADER_LEN);
+            let (start, mut window) = (i, 1u64);
+            while let (Some(f), Some(off)) = (&file, from) {
                 let span = (rec * window.min((ids.len() - i) as u64)).min(READ_RUN);
-                let run = pack::read_upto(&file, from, (span + pack::HEADER_LEN) as usize)
-                    .unwrap_or_default();
+                let run =
+                    pack::read_upto(f, off, (span + pack::HEADER_LEN) as usize).unwrap_or_default();
                 #[cfg(test)]
                 self.read_bytes
                     .fetch_add(run.len() as u64, Ordering::Relaxed);
-                let (start, mut at) = (i, 0);
+                let (before, mut at) = (i, 0);
                 while i < ids.len() {
                     match pack::chunk_record(&run[at..], &ids[i]) {
                         Some(data) if ChunkId::of(data) == ids[i] => {
@@ -412,15 +387,23 @@ impl ChunkStore {
                     }
                 }
                 if i == ids.len() {
-                    self.hint_next(first.pack, from + at as u64, &run[at..], first.len);
+                    // A run, so likely a sequential reader: hint where its next request starts.
+                    if i - start > 1 {
+                        self.hint_next(first.pack, off + at as u64, &run[at..], first.len);
+                    }
                     break;
                 }
                 // On only if the window ended at a record of the next chunk.
-                if i == start || pack::names(&run[at..], &ids[i]).is_none() {
+                if i == before || pack::names(&run[at..], &ids[i]).is_none() {
                     break;
                 }
-                from += at as u64;
+                from = Some(off + at as u64);
                 window *= 2;
+            }
+            if i == start {
+                // Not where the place said: read where the index says now.
+                visit(i, &self.get(&ids[i])?)?;
+                i += 1;
             }
         }
         Ok(())

@@ -123,27 +123,23 @@ impl Directory {
     /// Adds the key of every bucket of the `tags` indexes; lookups use the directory from
     /// then on. Returns false if `stop` was set first (the directory stays unused).
     pub fn load(&self, db: &sled::Db, tags: &[u8], stop: &AtomicBool) -> Result<bool> {
+        // In runs, so lookups are not held off by one long write lock.
+        let mut run = Vec::with_capacity(4096);
         for &tag in tags {
-            let mut run = Vec::with_capacity(4096);
-            let mut scan = db.scan_prefix([tag]);
-            loop {
-                let next = scan.next().transpose()?;
-                if let Some((k, _)) = &next {
-                    run.push(<[u8; 9]>::try_from(&k[..]).map_err(|_| {
-                        FsError::Meta(format!("index bucket key {:02x?} is not 9 bytes", &k[..]))
-                    })?);
-                }
-                if run.len() == run.capacity() || next.is_none() {
+            for item in db.scan_prefix([tag]) {
+                let (k, _) = item?;
+                run.push(<[u8; 9]>::try_from(&k[..]).map_err(|_| {
+                    FsError::Meta(format!("index bucket key {:02x?} is not 9 bytes", &k[..]))
+                })?);
+                if run.len() == run.capacity() {
                     if stop.load(Ordering::Relaxed) {
                         return Ok(false);
                     }
                     self.keys.write().extend(run.drain(..));
                 }
-                if next.is_none() {
-                    break;
-                }
             }
         }
+        self.keys.write().extend(run);
         self.loaded.store(true, Ordering::Release);
         Ok(true)
     }
