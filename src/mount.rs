@@ -255,6 +255,7 @@ fn unmount(mountpoint: &Path) {
 /// Opens the store, mounts, signals readiness and serves until unmounted.
 fn serve(store: &Path, mountpoint: &Path, opts: MountOpts, threads: usize) -> Result<()> {
     block_signals();
+    raise_open_file_limit();
     let ds = Datastore::open(
         store,
         &OpenOptions {
@@ -353,6 +354,25 @@ fn spawn_readahead_raise(mountpoint: PathBuf) {
 }
 
 /// Tells a waiting parent that the mount is live, and moves stderr to the store's log.
+/// Raises the soft limit on open files to the hard one: the chunk store keeps up to two
+/// handles open per 64 MiB pack it has read (about 1,000 at 32 GiB), and a soft limit of
+/// 1024, common by default, would fail reads of a larger store with EMFILE.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill and then read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-file limit to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
 fn notify_ready(store: &Path) {
     let Some(fd) = std::env::var_os(READY_FD).and_then(|v| v.to_str()?.parse::<i32>().ok()) else {
         return;

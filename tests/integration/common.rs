@@ -436,6 +436,11 @@ impl Mount {
         m
     }
 
+    /// The process id of the daemon serving the mount.
+    pub fn daemon_pid(&self) -> u32 {
+        self.child.as_ref().expect("no daemon running").id()
+    }
+
     /// The temp dir that holds store, mountpoint and log (for scratch files
     /// outside the mount).
     pub fn scratch(&self) -> &Path {

@@ -279,3 +279,33 @@ fn cold_sequential_reads_of_interleaved_and_cloned_files_match() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The daemon keeps a handle open per pack it reads (two for packs read both ways), so
+/// it raises its soft open-file limit to the hard one: started with a soft limit of 512,
+/// it runs with the hard limit.
+#[test]
+fn daemon_raises_its_soft_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let hard = lim.rlim_max;
+    assert!(hard > 512, "hard open-file limit {hard}: nothing to raise");
+    // Inherited by the daemon this test starts (nextest runs each test in its own process).
+    lim.rlim_cur = 512;
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let m = Mount::new();
+    let limits = fs::read_to_string(format!("/proc/{}/limits", m.daemon_pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let want = if hard == libc::RLIM_INFINITY {
+        "unlimited".to_string()
+    } else {
+        hard.to_string()
+    };
+    assert_eq!(soft, [want.as_str(), want.as_str()], "{line}");
+}
