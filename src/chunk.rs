@@ -37,6 +37,16 @@ use pack::ActivePack;
 pub const PACK_TARGET: u64 = 64 << 20;
 /// Longest stretch of a pack [`ChunkStore::get_many`] reads with one `pread`.
 const READ_RUN: u64 = 4 << 20;
+/// How a reader of [`ChunkStore::get_many`] goes through a file, as far as it can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// On from where its last read ended: the kernel's readahead of the packs pays.
+    Sequential,
+    /// Anywhere: a record read alone is read without readahead. Records read back to back
+    /// after it (a run) are still read with readahead.
+    Random,
+}
+
 /// Chunk and node locations per generation of the read-path location cache (two
 /// generations, ~60 bytes an entry: at most ~15 MiB; 2^18 entries map 4 GiB of 16 KiB
 /// chunks). A miss is one index lookup.
@@ -46,7 +56,9 @@ const LOC_CACHE_GENERATION: usize = 1 << 17;
 pub struct ChunkStore {
     dir: PathBuf,
     meta: Arc<Meta>,
-    readers: DashMap<u32, Arc<File>>,
+    /// Open packs, one handle per pack and kind of access: the kernel keeps readahead
+    /// state per handle, and a `Random` handle has readahead off (`POSIX_FADV_RANDOM`).
+    readers: DashMap<(u32, Access), Arc<File>>,
     /// Lock order: `active` before `unsynced`.
     active: Mutex<ActivePack>,
     /// Packs appended to since the last sync.
@@ -84,7 +96,7 @@ impl ChunkStore {
         let next = pack::list_packs(dir)?.last().map(|id| id + 1).unwrap_or(0);
         let active = ActivePack::create(dir, next)?;
         let readers = DashMap::new();
-        readers.insert(active.id, active.file.clone());
+        readers.insert((active.id, Access::Sequential), active.file.clone());
         Ok(ChunkStore {
             dir: dir.to_path_buf(),
             meta,
@@ -210,7 +222,8 @@ impl ChunkStore {
     fn new_pack(&self, id: u32) -> Result<ActivePack> {
         let pack = ActivePack::create(&self.dir, id)?;
         self.dir_unsynced.store(true, Ordering::SeqCst);
-        self.readers.insert(pack.id, pack.file.clone());
+        self.readers
+            .insert((pack.id, Access::Sequential), pack.file.clone());
         Ok(pack)
     }
 
@@ -343,7 +356,8 @@ impl ChunkStore {
     /// The chunks of a sequentially written file lie back to back in one pack, so only the
     /// first of such a run is looked up: the run is read from its header on in growing
     /// windows (up to [`READ_RUN`] bytes each) and walked header by header, and the place of
-    /// the record after it is cached for the next request. Each record found is taken only if
+    /// the record after it is cached for the next request. For [`Access::Random`] the first
+    /// record of each run is read without readahead. Each record found is taken only if
     /// its header names the chunk wanted and its bytes hash to that name, so a wrong guess
     /// costs a read, never wrong data. A chunk not found that way is looked up (through the
     /// location cache and index) and read alone with [`Self::get`], which retries at a
@@ -351,6 +365,7 @@ impl ChunkStore {
     pub fn get_many(
         &self,
         ids: &[ChunkId],
+        access: Access,
         visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut i = 0;
@@ -364,14 +379,22 @@ impl ChunkStore {
             // first and doubling while each window holds only records wanted (so a file
             // whose blocks interleave with another's reads at most about twice what it
             // uses), each to the header after its last record.
-            let file = self.reader(first.pack).ok();
             let rec = pack::HEADER_LEN + first.len as u64;
             let mut from = first.offset.checked_sub(pack::HEADER_LEN);
             let (start, mut window) = (i, 1u64);
-            while let (Some(f), Some(off)) = (&file, from) {
+            while let Some(off) = from {
+                // A random reader's first record alone, without readahead.
+                let handle = if window == 1 {
+                    access
+                } else {
+                    Access::Sequential
+                };
+                let Ok(f) = self.reader_for(first.pack, handle) else {
+                    break;
+                };
                 let span = (rec * window.min((ids.len() - i) as u64)).min(READ_RUN);
-                let run =
-                    pack::read_upto(f, off, (span + pack::HEADER_LEN) as usize).unwrap_or_default();
+                let run = pack::read_upto(&f, off, (span + pack::HEADER_LEN) as usize)
+                    .unwrap_or_default();
                 #[cfg(test)]
                 self.read_bytes
                     .fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -451,15 +474,32 @@ impl ChunkStore {
     }
 
     fn reader(&self, pack_id: u32) -> Result<Arc<File>> {
-        if let Some(f) = self.readers.get(&pack_id) {
+        self.reader_for(pack_id, Access::Sequential)
+    }
+
+    /// An open handle on pack `pack_id` for reads of kind `access`.
+    fn reader_for(&self, pack_id: u32, access: Access) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.get(&(pack_id, access)) {
             return Ok(f.clone());
         }
         let path = pack::pack_path(&self.dir, pack_id);
-        let f = Arc::new(
-            File::open(&path).map_err(|e| FsError::io(format!("opening {}", path.display()), e))?,
-        );
-        self.readers.insert(pack_id, f.clone());
+        let f =
+            File::open(&path).map_err(|e| FsError::io(format!("opening {}", path.display()), e))?;
+        if access == Access::Random {
+            // Without it, a read landing next to pages earlier reads left cached looks
+            // sequential to the kernel, which then reads ahead (in large folios): 23-24 KiB
+            // read from the disk per 16 KiB record instead of 16-17.
+            pack::advise_random(&f);
+        }
+        let f = Arc::new(f);
+        self.readers.insert((pack_id, access), f.clone());
         Ok(f)
+    }
+
+    /// Closes the cached handles on pack `id`.
+    fn forget_readers(&self, id: u32) {
+        self.readers.remove(&(id, Access::Sequential));
+        self.readers.remove(&(id, Access::Random));
     }
 
     /// Makes every appended record durable. Callers are serialized, so a sync that
@@ -697,7 +737,7 @@ impl ChunkStore {
         let size = std::fs::metadata(&path)
             .map_err(|e| FsError::io(format!("stat {}", path.display()), e))?
             .len();
-        self.readers.remove(&id);
+        self.forget_readers(id);
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -706,7 +746,7 @@ impl ChunkStore {
             .map_err(|e| FsError::io(format!("deleting {}", path.display()), e))?;
         // Again: a reader that opened the file just before the unlink may have cached it,
         // and a cached handle would keep the deleted pack's space allocated.
-        self.readers.remove(&id);
+        self.forget_readers(id);
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -764,6 +804,54 @@ mod tests {
         assert_eq!(recs.len(), 1);
     }
 
+    /// A random reader's lone records go through the pack handle without readahead, the
+    /// rest of a run through the one with it; both give the same bytes as a sequential read.
+    #[test]
+    fn random_access_reads_lone_records_through_their_own_handle() {
+        let (dir, meta, cs) = new_store();
+        let blocks: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i + 1; 4096]).collect();
+        let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
+        let recs: Vec<(ChunkId, &[u8])> =
+            ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
+        cs.put_many(&recs).unwrap();
+        cs.sync().unwrap();
+        let read = |cs: &ChunkStore, want: &[usize], access| {
+            let mut seen = Vec::new();
+            let ask: Vec<ChunkId> = want.iter().map(|&i| ids[i]).collect();
+            cs.get_many(&ask, access, &mut |i, d| {
+                seen.push((i, d.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            let expect: Vec<(usize, Vec<u8>)> = want
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| (k, blocks[i].clone()))
+                .collect();
+            assert_eq!(seen, expect, "{want:?} {access:?}");
+        };
+        let pack = meta.chunk_loc(&ids[0]).unwrap().unwrap().pack;
+        let handles = |cs: &ChunkStore| {
+            [Access::Sequential, Access::Random].map(|a| cs.readers.contains_key(&(pack, a)))
+        };
+
+        let cs1 = reopen(&dir, &meta);
+        read(&cs1, &[4], Access::Random);
+        assert_eq!(handles(&cs1), [false, true], "a lone record: no readahead");
+        read(&cs1, &[1, 2, 3, 5, 0], Access::Random);
+        assert_eq!(
+            handles(&cs1),
+            [true, true],
+            "the run after 1: with readahead"
+        );
+        let cs2 = reopen(&dir, &meta);
+        read(&cs2, &[5, 0, 3], Access::Sequential);
+        assert_eq!(handles(&cs2), [true, false]);
+        // Dropping the pack's handles drops both kinds.
+        cs1.forget_readers(pack);
+        assert_eq!(handles(&cs1), [false, false]);
+    }
+
     /// Chunks stored back to back are read as one run: only the first is looked up, the
     /// place of the record after the run is cached for the next read, and a record of the
     /// run that does not verify is read where the index says instead.
@@ -779,7 +867,7 @@ mod tests {
         let fresh = || reopen(&dir, &meta);
         let read_all = |cs: &ChunkStore, ids: &[ChunkId]| {
             let mut seen = Vec::new();
-            cs.get_many(ids, &mut |i, d| {
+            cs.get_many(ids, Access::Sequential, &mut |i, d| {
                 seen.push((i, d.to_vec()));
                 Ok(())
             })
@@ -850,7 +938,7 @@ mod tests {
         cs.sync().unwrap();
         let cs = reopen(&dir, &meta);
         let mut n = 0;
-        cs.get_many(&a, &mut |i, d| {
+        cs.get_many(&a, Access::Sequential, &mut |i, d| {
             assert_eq!(d, &block(1, i as u32)[..]);
             n += 1;
             Ok(())
@@ -872,8 +960,10 @@ mod tests {
         f.write_all_at(&u32::MAX.to_be_bytes(), loc2.offset - pack::HEADER_LEN + 4)
             .unwrap();
         let cs = reopen(&dir, &meta);
-        cs.get_many(&[recs[0].0, recs[1].0], &mut |_, _| Ok(()))
-            .unwrap();
+        cs.get_many(&[recs[0].0, recs[1].0], Access::Sequential, &mut |_, _| {
+            Ok(())
+        })
+        .unwrap();
         assert!(
             !cs.locs.contains(&recs[2].0),
             "no place from a header claiming 4 GiB"
@@ -987,7 +1077,7 @@ mod tests {
             "stale cached location: the index decides"
         );
         let mut seen = Vec::new();
-        cs.get_many(&[ia, ic], &mut |i, d| {
+        cs.get_many(&[ia, ic], Access::Sequential, &mut |i, d| {
             seen.push((i, d.to_vec()));
             Ok(())
         })

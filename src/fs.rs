@@ -30,7 +30,7 @@ mod stats;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -166,6 +166,8 @@ pub struct InodeState {
     attr_dirty: bool,
     /// Open file handles.
     open: u32,
+    /// Where the last read ended: a read starting near it is taken for sequential.
+    read_end: AtomicU64,
 }
 
 impl InodeState {
@@ -177,6 +179,7 @@ impl InodeState {
             unqueued_bytes: 0,
             attr_dirty: false,
             open: 0,
+            read_end: AtomicU64::new(0),
         }
     }
 

@@ -256,6 +256,14 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::R
     Ok(())
 }
 
+/// Turns the kernel's readahead off for reads through `file` (`POSIX_FADV_RANDOM`). Only
+/// advice: a kernel that does not take it reads as before.
+pub fn advise_random(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+}
+
 /// Reads exactly `len` bytes at `offset` of an open pack.
 pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];

@@ -17,6 +17,7 @@ use super::{
     prestore, Datastore, Dirty, InodeState, Partial, StateGuard, INODE_DIRTY_LIMIT, MAX_FILE_SIZE,
     PARTIAL_RANGES_MAX, TOTAL_DIRTY_LIMIT,
 };
+use crate::chunk::Access;
 use crate::error::{FsError, Result};
 use crate::ids::{ChunkId, InodeNo};
 use crate::meta::{Batch, FileKind, Timestamp};
@@ -305,7 +306,8 @@ impl Datastore {
             return Ok(());
         }
         let ids: Vec<ChunkId> = pending.iter().map(|(p, _)| p.base).collect();
-        self.chunks.get_many(&ids, &mut |i, base| {
+        // Blocks partly written anywhere: read alone without readahead.
+        self.chunks.get_many(&ids, Access::Random, &mut |i, base| {
             let (p, data) = pending[i];
             p.merge(data, base);
             Ok(())
@@ -513,8 +515,15 @@ impl Datastore {
             .filter(|(idx, _)| st.dirty.get(idx).is_none_or(|d| d.unmerged().is_some()))
             .collect();
         let ids: Vec<ChunkId> = stored.iter().map(|(_, id)| *id).collect();
+        // Near where the last read ended (requests of one stream may come in a little
+        // out of order from the dispatch threads): sequential.
+        let last_end = st.read_end.swap(end, Ordering::Relaxed);
+        let access = match offset.abs_diff(last_end) <= end - offset {
+            true => Access::Sequential,
+            false => Access::Random,
+        };
         self.chunks
-            .get_many(&ids, &mut |i, data| {
+            .get_many(&ids, access, &mut |i, data| {
                 copy_part(stored[i].0, data, 0, bs);
                 Ok(())
             })
