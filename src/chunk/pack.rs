@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{FsError, Result};
@@ -69,6 +69,13 @@ fn header_with(magic: &[u8; 4], id: &ChunkId, len: u32) -> [u8; HEADER_LEN as us
 
 /// Zeros kept written ahead of the active pack's end once it is being synced.
 const ZERO_AHEAD: u64 = 1 << 20;
+/// Pages written with `O_DIRECT` are this size and alignment.
+const PAGE: u64 = 4096;
+/// Appends whose whole pages come to at least this many bytes write those pages with
+/// `O_DIRECT` (see [`ActivePack::append_parts`]).
+const DIRECT_MIN: u64 = 64 << 10;
+/// Bytes staged for one `O_DIRECT` write (the staging buffer's size).
+const DIRECT_MAX: u64 = 4 << 20;
 
 /// The pack being appended to.
 pub struct ActivePack {
@@ -78,6 +85,11 @@ pub struct ActivePack {
     pub len: u64,
     /// The file holds written zeros up to here (see [`ActivePack::zero_ahead`]).
     zeroed_to: u64,
+    /// The pack opened with `O_DIRECT`, for the whole pages of large appends; `None` where
+    /// the filesystem refuses it.
+    direct: Option<File>,
+    /// Page-aligned staging for direct writes (allocated at the first, then reused).
+    stage: Vec<u8>,
 }
 
 impl ActivePack {
@@ -90,11 +102,18 @@ impl ActivePack {
             .create_new(true)
             .open(&path)
             .map_err(|e| FsError::io(format!("creating pack {}", path.display()), e))?;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .ok();
         Ok(ActivePack {
             id,
             file: std::sync::Arc::new(file),
             len: 0,
             zeroed_to: 0,
+            direct,
+            stage: Vec::new(),
         })
     }
 
@@ -167,7 +186,7 @@ impl ActivePack {
     /// Writes `parts` back to back at the end; on failure cuts the pack back to its
     /// previous length, so no torn record is left (`what` names them in the error).
     fn append_parts(&mut self, parts: &[&[u8]], what: impl FnOnce() -> String) -> Result<()> {
-        if let Err(e) = write_all_vectored_at(&self.file, parts, self.len) {
+        if let Err(e) = self.write_at_end(parts) {
             let _ = self.file.set_len(self.len);
             self.zeroed_to = self.len;
             return Err(FsError::io(
@@ -183,6 +202,79 @@ impl ActivePack {
         self.len += parts.iter().map(|p| p.len() as u64).sum::<u64>();
         Ok(())
     }
+}
+
+impl ActivePack {
+    /// Writes `parts` back to back at the end. The whole pages of a large append go with
+    /// `O_DIRECT` from a reused staging buffer: through the page cache they cost a copy
+    /// into freshly allocated pages, about 0.5 s of CPU per GiB on this kind of VM (free
+    /// pages go back to the host), against 0.06 s for the staging copy; and no writeback
+    /// later. The partial pages at either end go through the page cache as before, so a
+    /// direct write never covers a page that holds earlier records (the kernel writes back
+    /// and drops cached pages of the range it writes; readers verify every record anyway).
+    fn write_at_end(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let (start, end) = (self.len, self.len + total);
+        let a = start.div_ceil(PAGE) * PAGE;
+        let b = end / PAGE * PAGE;
+        if self.direct.is_none() || b < a + DIRECT_MIN {
+            return write_all_vectored_at(&self.file, parts, start);
+        }
+        write_all_vectored_at(&self.file, &byte_range(parts, 0, a - start), start)?;
+        let mut at = a;
+        while at < b {
+            let n = (b - at).min(DIRECT_MAX);
+            if let Err(e) = self.write_direct(&byte_range(parts, at - start, at + n - start), at) {
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+                // Alignment the filesystem will not take: through the page cache from now on.
+                self.direct = None;
+                write_all_vectored_at(&self.file, &byte_range(parts, at - start, b - start), at)?;
+                break;
+            }
+            at += n;
+        }
+        write_all_vectored_at(&self.file, &byte_range(parts, b - start, total), b)
+    }
+
+    /// Copies `parts` (whole pages in all) into the staging buffer and writes them at
+    /// `offset` (page-aligned) with `O_DIRECT`.
+    fn write_direct(&mut self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if self.stage.len() < DIRECT_MAX as usize + PAGE as usize {
+            self.stage = vec![0u8; (DIRECT_MAX + PAGE) as usize];
+        }
+        let at = self.stage.as_ptr().align_offset(PAGE as usize);
+        let buf = &mut self.stage[at..at + n];
+        let mut o = 0;
+        for p in parts {
+            buf[o..o + p.len()].copy_from_slice(p);
+            o += p.len();
+        }
+        match &self.direct {
+            Some(d) => d.write_all_at(buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
+    }
+}
+
+/// The bytes `[from, to)` of `parts` taken back to back, as slices of them.
+fn byte_range<'a>(parts: &[&'a [u8]], from: u64, to: u64) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for p in parts {
+        let (s, e) = (at, at + p.len() as u64);
+        at = e;
+        if s >= to {
+            break;
+        }
+        let (a, b) = (from.max(s), to.min(e));
+        if a < b {
+            out.push(&p[(a - s) as usize..(b - s) as usize]);
+        }
+    }
+    out
 }
 
 impl Drop for ActivePack {
@@ -473,6 +565,74 @@ mod tests {
             );
             assert_eq!(read_at(&p.file, *off, d.len()).unwrap(), *d);
         }
+    }
+
+    /// Appends of every size, starting at any offset, leave the pack holding exactly the
+    /// bytes appended: the whole pages of large ones go with O_DIRECT (in pieces of at most
+    /// DIRECT_MAX), the partial pages around them through the page cache. A reader that
+    /// cached the pack's last page before a large append reads the new records right.
+    #[test]
+    fn appends_large_and_small_write_exactly_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = ActivePack::create(dir.path(), 5).unwrap();
+        assert!(p.direct.is_some(), "this filesystem takes O_DIRECT");
+        let reader = File::open(pack_path(dir.path(), 5)).unwrap();
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut want = Vec::new();
+        let mut recs_at = Vec::new();
+        for (round, size) in [100, 70_000, 3, 5 << 20, 4096, 200_000, 1, 9 << 20, 17]
+            .into_iter()
+            .enumerate()
+        {
+            // A few records making up `size` bytes of data, of pseudo-random content.
+            let datas: Vec<Vec<u8>> = [size / 3, size - size / 3]
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            rng as u8
+                        })
+                        .collect()
+                })
+                .collect();
+            let recs: Vec<(ChunkId, &[u8])> =
+                datas.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
+            // Cache the current last page, as a reader of the last record would.
+            if p.len > 0 {
+                read_at(&reader, p.len - 1, 1).unwrap();
+            }
+            let offs = p.append_many(Kind::Chunk, &recs).unwrap();
+            for ((id, d), off) in recs.iter().zip(&offs) {
+                want.extend_from_slice(&header(id, d.len() as u32));
+                want.extend_from_slice(d);
+                recs_at.push((*off, d.to_vec(), round));
+            }
+            assert_eq!(p.len, want.len() as u64);
+            for (off, d, r) in &recs_at {
+                assert!(
+                    read_at(&reader, *off, d.len()).unwrap() == *d,
+                    "record of round {r} at {off} after round {round}"
+                );
+            }
+        }
+        assert!(std::fs::read(pack_path(dir.path(), 5)).unwrap() == want);
+        let (found, end) = scan(&pack_path(dir.path(), 5)).unwrap();
+        assert_eq!((found.len(), end), (recs_at.len(), p.len));
+    }
+
+    #[test]
+    fn byte_range_slices_across_parts() {
+        let parts: Vec<&[u8]> = vec![b"abc", b"", b"defg", b"h"];
+        let cat = |v: Vec<&[u8]>| v.concat();
+        assert_eq!(cat(byte_range(&parts, 0, 8)), b"abcdefgh");
+        assert_eq!(cat(byte_range(&parts, 2, 5)), b"cde");
+        assert_eq!(cat(byte_range(&parts, 3, 7)), b"defg");
+        assert_eq!(byte_range(&parts, 3, 7).len(), 1);
+        assert!(byte_range(&parts, 4, 4).is_empty());
+        assert_eq!(cat(byte_range(&parts, 7, 8)), b"h");
     }
 
     #[test]
