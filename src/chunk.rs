@@ -73,6 +73,10 @@ pub struct ChunkStore {
     /// Tests: the next sync fails as a device error would.
     #[cfg(test)]
     pub(crate) fail_next_sync: AtomicBool,
+    /// Tests: reads of [`ChunkStore::read_loc`] left to return a flipped byte, as a stale
+    /// cached page would.
+    #[cfg(test)]
+    stale_reads: std::sync::atomic::AtomicU32,
     /// Tests: bytes [`ChunkStore::get_many`] read from packs.
     #[cfg(test)]
     read_bytes: std::sync::atomic::AtomicU64,
@@ -109,6 +113,8 @@ impl ChunkStore {
             syncs: Default::default(),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            stale_reads: Default::default(),
             #[cfg(test)]
             read_bytes: Default::default(),
             pins,
@@ -218,9 +224,11 @@ impl ChunkStore {
         Ok(self.put_many(&[(id, data)])? > 0)
     }
 
-    /// Creates pack `id` for appends; the next sync also syncs the directory.
-    fn new_pack(&self, id: u32) -> Result<ActivePack> {
-        let pack = ActivePack::create(&self.dir, id)?;
+    /// Creates the pack after `prev` for appends (taking over its staging buffer); the
+    /// next sync also syncs the directory.
+    fn new_pack(&self, prev: &mut ActivePack) -> Result<ActivePack> {
+        let mut pack = ActivePack::create(&self.dir, prev.id + 1)?;
+        pack.take_stage(prev);
         self.dir_unsynced.store(true, Ordering::SeqCst);
         self.readers
             .insert((pack.id, Access::Sequential), pack.file.clone());
@@ -298,7 +306,8 @@ impl ChunkStore {
         group: &[(ChunkId, &[u8])],
     ) -> Result<Vec<(ChunkId, ChunkLoc)>> {
         if active.len >= PACK_TARGET {
-            *active = self.new_pack(active.id + 1)?;
+            let next = self.new_pack(active)?;
+            *active = next;
         }
         let offsets = active.append_many(pack::Kind::of(index), group)?;
         self.unsynced
@@ -447,20 +456,47 @@ impl ChunkStore {
         }
     }
 
-    /// Reads the bytes at `loc` and checks they hash to `id`.
+    /// Reads the bytes at `loc` and checks they hash to `id`. Bytes that do not are read
+    /// once more from the disk, past the page cache's copy: a page a reader cached while
+    /// a direct write went over it could otherwise fail every read until evicted
+    /// (`pack::ActivePack::write_at_end` keeps direct writes off pages holding records).
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
-        let file = self.reader(loc.pack).map_err(|e| FsError::Corrupt {
-            chunk: *id,
-            detail: format!("pack {} unreadable: {e}", loc.pack),
-        })?;
-        let data =
-            pack::read_at(&file, loc.offset, loc.len as usize).map_err(|e| FsError::Corrupt {
+        let file = self.reader(loc.pack).map_err(|e| match e {
+            // Out of file handles, say: not damage.
+            FsError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => e,
+            e => FsError::Corrupt {
                 chunk: *id,
-                detail: format!(
-                    "pack {} offset {} length {}: {e}",
-                    loc.pack, loc.offset, loc.len
-                ),
+                detail: format!("pack {} unreadable: {e}", loc.pack),
+            },
+        })?;
+        let read = || -> Result<Vec<u8>> {
+            #[allow(unused_mut)]
+            let mut data = pack::read_at(&file, loc.offset, loc.len as usize).map_err(|e| {
+                FsError::Corrupt {
+                    chunk: *id,
+                    detail: format!(
+                        "pack {} offset {} length {}: {e}",
+                        loc.pack, loc.offset, loc.len
+                    ),
+                }
             })?;
+            #[cfg(test)]
+            if self
+                .stale_reads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                if let Some(b) = data.first_mut() {
+                    *b ^= 1;
+                }
+            }
+            Ok(data)
+        };
+        let mut data = read()?;
+        if ChunkId::of(&data) != *id {
+            pack::drop_cached(&file, loc.offset, loc.len as u64);
+            data = read()?;
+        }
         if ChunkId::of(&data) != *id {
             return Err(FsError::Corrupt {
                 chunk: *id,
@@ -493,6 +529,11 @@ impl ChunkStore {
         }
         let f = Arc::new(f);
         self.readers.insert((pack_id, access), f.clone());
+        // A pack deleted (`remove_pack`) between the open and the insert would keep its
+        // space allocated through this cached handle: not cached then.
+        if !path.exists() {
+            self.readers.remove(&(pack_id, access));
+        }
         Ok(f)
     }
 
@@ -608,7 +649,8 @@ impl ChunkStore {
     pub(crate) fn append_log(&self, kind: pack::Kind, payload: &[u8]) -> Result<()> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if active.len >= PACK_TARGET {
-            *active = self.new_pack(active.id + 1)?;
+            let next = self.new_pack(&mut active)?;
+            *active = next;
         }
         active.append_log(kind, payload)?;
         self.unsynced
@@ -711,7 +753,7 @@ impl ChunkStore {
         if active.len == 0 {
             return Ok(None);
         }
-        let next = self.new_pack(active.id + 1)?;
+        let next = self.new_pack(&mut active)?;
         let old = std::mem::replace(&mut *active, next);
         Ok(Some((old.id, old.len)))
     }
@@ -850,6 +892,26 @@ mod tests {
         // Dropping the pack's handles drops both kinds.
         cs1.forget_readers(pack);
         assert_eq!(handles(&cs1), [false, false]);
+    }
+
+    /// A read whose bytes do not verify is read once more past the page cache (a stale
+    /// cached page heals); bytes that fail twice are reported, naming the chunk.
+    #[test]
+    fn a_read_that_fails_verification_once_is_read_again() {
+        let (_dir, _meta, cs) = new_store();
+        let data = vec![7u8; 10_000];
+        let id = cs.put(&data).unwrap();
+        cs.sync().unwrap();
+        cs.stale_reads.store(1, Ordering::SeqCst);
+        assert_eq!(cs.get(&id).unwrap(), data);
+        assert_eq!(cs.stale_reads.load(Ordering::SeqCst), 0);
+        cs.stale_reads.store(2, Ordering::SeqCst);
+        let err = cs.get(&id).unwrap_err();
+        assert!(
+            matches!(err, FsError::Corrupt { chunk, .. } if chunk == id),
+            "{err}"
+        );
+        assert_eq!(cs.get(&id).unwrap(), data);
     }
 
     /// Chunks stored back to back are read as one run: only the first is looked up, the

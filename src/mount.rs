@@ -353,7 +353,6 @@ fn spawn_readahead_raise(mountpoint: PathBuf) {
     }
 }
 
-/// Tells a waiting parent that the mount is live, and moves stderr to the store's log.
 /// Raises the soft limit on open files to the hard one: the chunk store keeps up to two
 /// handles open per 64 MiB pack it has read (about 1,000 at 32 GiB), and a soft limit of
 /// 1024, common by default, would fail reads of a larger store with EMFILE.
@@ -373,6 +372,7 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Tells a waiting parent that the mount is live, and moves stderr to the store's log.
 fn notify_ready(store: &Path) {
     let Some(fd) = std::env::var_os(READY_FD).and_then(|v| v.to_str()?.parse::<i32>().ok()) else {
         return;

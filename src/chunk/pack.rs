@@ -72,9 +72,10 @@ const ZERO_AHEAD: u64 = 1 << 20;
 /// Pages written with `O_DIRECT` are this size and alignment.
 const PAGE: u64 = 4096;
 /// Appends whose whole pages come to at least this many bytes write those pages with
-/// `O_DIRECT` (see [`ActivePack::append_parts`]).
+/// `O_DIRECT` (see [`ActivePack::write_at_end`]).
 const DIRECT_MIN: u64 = 64 << 10;
-/// Bytes staged for one `O_DIRECT` write (the staging buffer's size).
+/// Bytes staged for one `O_DIRECT` write (the staging buffer holds this and a page, for
+/// alignment).
 const DIRECT_MAX: u64 = 4 << 20;
 
 /// The pack being appended to.
@@ -115,6 +116,11 @@ impl ActivePack {
             direct,
             stage: Vec::new(),
         })
+    }
+
+    /// Takes over `prev`'s staging buffer (its pages are resident already).
+    pub fn take_stage(&mut self, prev: &mut ActivePack) {
+        self.stage = std::mem::take(&mut prev.stage);
     }
 
     /// Bytes of written zeros past the last record.
@@ -211,7 +217,9 @@ impl ActivePack {
     /// pages go back to the host), against 0.06 s for the staging copy; and no writeback
     /// later. The partial pages at either end go through the page cache as before, so a
     /// direct write never covers a page that holds earlier records (the kernel writes back
-    /// and drops cached pages of the range it writes; readers verify every record anyway).
+    /// and drops cached pages of the range it writes; a read that fails verification is
+    /// read again past the cache, `ChunkStore::read_loc`). Written pages leave the page
+    /// cache, so a read soon after a large write goes to the disk.
     fn write_at_end(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let (start, end) = (self.len, self.len + total);
@@ -346,6 +354,21 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::R
         }
     }
     Ok(())
+}
+
+/// Drops the page cache's clean copy of bytes `[offset, offset + len)` of `file`, so the
+/// next read of them goes to the disk (`POSIX_FADV_DONTNEED`; only advice).
+pub fn drop_cached(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
 }
 
 /// Turns the kernel's readahead off for reads through `file` (`POSIX_FADV_RANDOM`). Only
@@ -570,7 +593,8 @@ mod tests {
     /// Appends of every size, starting at any offset, leave the pack holding exactly the
     /// bytes appended: the whole pages of large ones go with O_DIRECT (in pieces of at most
     /// DIRECT_MAX), the partial pages around them through the page cache. A reader that
-    /// cached the pack's last page before a large append reads the new records right.
+    /// cached the pack's last page, or zeros written ahead of the end (`zero_ahead`),
+    /// before a large append reads the new records right.
     #[test]
     fn appends_large_and_small_write_exactly_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
@@ -604,6 +628,15 @@ mod tests {
             if p.len > 0 {
                 read_at(&reader, p.len - 1, 1).unwrap();
             }
+            if round % 3 == 1 {
+                // Dirty zeros ahead, and a reader caching some of them.
+                p.zero_ahead();
+                assert!(p.zero_tail() > 0);
+                assert!(read_upto(&reader, p.len, 256 << 10)
+                    .unwrap()
+                    .iter()
+                    .all(|&b| b == 0));
+            }
             let offs = p.append_many(Kind::Chunk, &recs).unwrap();
             for ((id, d), off) in recs.iter().zip(&offs) {
                 want.extend_from_slice(&header(id, d.len() as u32));
@@ -618,7 +651,9 @@ mod tests {
                 );
             }
         }
-        assert!(std::fs::read(pack_path(dir.path(), 5)).unwrap() == want);
+        let bytes = std::fs::read(pack_path(dir.path(), 5)).unwrap();
+        assert!(bytes[..want.len()] == want[..]);
+        assert!(bytes[want.len()..].iter().all(|&b| b == 0), "zeros ahead");
         let (found, end) = scan(&pack_path(dir.path(), 5)).unwrap();
         assert_eq!((found.len(), end), (recs_at.len(), p.len));
     }

@@ -397,7 +397,11 @@ impl Datastore {
                 if offset >= end {
                     return Ok(Vec::new());
                 }
-                self.read_range(&super::InodeState::new(inode), offset, end)
+                // No read history kept: taken for sequential (backups read front to back).
+                let st = super::InodeState::new(inode);
+                st.read_end
+                    .store(offset, std::sync::atomic::Ordering::Relaxed);
+                self.read_range(&st, offset, end)
             }
         }
     }
