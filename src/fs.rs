@@ -166,7 +166,8 @@ pub struct InodeState {
     attr_dirty: bool,
     /// Open file handles.
     open: u32,
-    /// Where the last read ended: a read starting near it is taken for sequential.
+    /// Where the last read through the mount ended: a read starting near it is taken for
+    /// sequential (`Datastore::read`).
     read_end: AtomicU64,
 }
 

@@ -474,7 +474,15 @@ impl Datastore {
             if offset >= end {
                 return Ok(Vec::new());
             }
-            (self.read_range(&g, offset, end)?, stale(&g.inode))
+            // Near where the last read ended (requests of one stream may come in a little
+            // out of order from the dispatch threads): sequential.
+            let last_end = g.read_end.swap(end, Ordering::Relaxed);
+            let access = if offset.abs_diff(last_end) <= end - offset {
+                Access::Sequential
+            } else {
+                Access::Random
+            };
+            (self.read_range(&g, offset, end, access)?, stale(&g.inode))
         };
         if bump {
             let mut g = st.write();
@@ -486,7 +494,13 @@ impl Datastore {
         Ok(out)
     }
 
-    pub(super) fn read_range(&self, st: &InodeState, offset: u64, end: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_range(
+        &self,
+        st: &InodeState,
+        offset: u64,
+        end: u64,
+        access: Access,
+    ) -> Result<Vec<u8>> {
         let bs = self.block_size();
         let first = offset / bs;
         let last = (end - 1) / bs;
@@ -515,13 +529,6 @@ impl Datastore {
             .filter(|(idx, _)| st.dirty.get(idx).is_none_or(|d| d.unmerged().is_some()))
             .collect();
         let ids: Vec<ChunkId> = stored.iter().map(|(_, id)| *id).collect();
-        // Near where the last read ended (requests of one stream may come in a little
-        // out of order from the dispatch threads): sequential.
-        let last_end = st.read_end.swap(end, Ordering::Relaxed);
-        let access = match offset.abs_diff(last_end) <= end - offset {
-            true => Access::Sequential,
-            false => Access::Random,
-        };
         self.chunks
             .get_many(&ids, access, &mut |i, data| {
                 copy_part(stored[i].0, data, 0, bs);

@@ -399,9 +399,7 @@ impl Datastore {
                 }
                 // No read history kept: taken for sequential (backups read front to back).
                 let st = super::InodeState::new(inode);
-                st.read_end
-                    .store(offset, std::sync::atomic::Ordering::Relaxed);
-                self.read_range(&st, offset, end)
+                self.read_range(&st, offset, end, crate::chunk::Access::Sequential)
             }
         }
     }
