@@ -470,8 +470,7 @@ impl ChunkStore {
             },
         })?;
         let read = || -> Result<Vec<u8>> {
-            #[allow(unused_mut)]
-            let mut data = pack::read_at(&file, loc.offset, loc.len as usize).map_err(|e| {
+            let data = pack::read_at(&file, loc.offset, loc.len as usize).map_err(|e| {
                 FsError::Corrupt {
                     chunk: *id,
                     detail: format!(
@@ -481,20 +480,13 @@ impl ChunkStore {
                 }
             })?;
             #[cfg(test)]
-            if self
-                .stale_reads
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                if let Some(b) = data.first_mut() {
-                    *b ^= 1;
-                }
-            }
+            let data = self.stale(data);
             Ok(data)
         };
         let mut data = read()?;
         if ChunkId::of(&data) != *id {
-            pack::drop_cached(&file, loc.offset, loc.len as u64);
+            // The page cache's clean copy dropped: the next read goes to the disk.
+            pack::advise(&file, loc.offset, loc.len as u64, libc::POSIX_FADV_DONTNEED);
             data = read()?;
         }
         if ChunkId::of(&data) != *id {
@@ -507,6 +499,22 @@ impl ChunkStore {
             });
         }
         Ok(data)
+    }
+
+    /// Tests: `data` with its first byte flipped while `stale_reads` counts down.
+    #[cfg(test)]
+    fn stale(&self, mut data: Vec<u8>) -> Vec<u8> {
+        let left = |n: u32| n.checked_sub(1);
+        if self
+            .stale_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, left)
+            .is_ok()
+        {
+            if let Some(b) = data.first_mut() {
+                *b ^= 1;
+            }
+        }
+        data
     }
 
     fn reader(&self, pack_id: u32) -> Result<Arc<File>> {
@@ -525,7 +533,7 @@ impl ChunkStore {
             // Without it, a read landing next to pages earlier reads left cached looks
             // sequential to the kernel, which then reads ahead (in large folios): 23-24 KiB
             // read from the disk per 16 KiB record instead of 16-17.
-            pack::advise_random(&f);
+            pack::advise(&f, 0, 0, libc::POSIX_FADV_RANDOM);
         }
         let f = Arc::new(f);
         self.readers.insert((pack_id, access), f.clone());
@@ -825,6 +833,18 @@ mod tests {
         ChunkStore::open(&dir.path().join("packs"), meta.clone(), Arc::default()).unwrap()
     }
 
+    /// Stores `n` distinct 4 KiB blocks back to back with one `put_many`, synced: the
+    /// blocks, their names and how many were new.
+    fn store_blocks(cs: &ChunkStore, n: u8) -> (Vec<Vec<u8>>, Vec<ChunkId>, usize) {
+        let blocks: Vec<Vec<u8>> = (0..n).map(|i| vec![i + 1; 4096]).collect();
+        let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
+        let recs: Vec<(ChunkId, &[u8])> =
+            ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
+        let new = cs.put_many(&recs).unwrap();
+        cs.sync().unwrap();
+        (blocks, ids, new)
+    }
+
     #[test]
     fn stores_once_and_verifies() {
         let (dir, meta, cs) = new_store();
@@ -851,12 +871,7 @@ mod tests {
     #[test]
     fn random_access_reads_lone_records_through_their_own_handle() {
         let (dir, meta, cs) = new_store();
-        let blocks: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i + 1; 4096]).collect();
-        let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
-        let recs: Vec<(ChunkId, &[u8])> =
-            ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
-        cs.put_many(&recs).unwrap();
-        cs.sync().unwrap();
+        let (blocks, ids, _) = store_blocks(&cs, 6);
         let read = |cs: &ChunkStore, want: &[usize], access| {
             let mut seen = Vec::new();
             let ask: Vec<ChunkId> = want.iter().map(|&i| ids[i]).collect();
@@ -920,12 +935,8 @@ mod tests {
     #[test]
     fn get_many_reads_runs_and_verifies_each_record() {
         let (dir, meta, cs) = new_store();
-        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
-        let ids: Vec<ChunkId> = blocks.iter().map(|b| ChunkId::of(b)).collect();
-        let recs: Vec<(ChunkId, &[u8])> =
-            ids.iter().zip(&blocks).map(|(i, b)| (*i, &b[..])).collect();
-        assert_eq!(cs.put_many(&recs).unwrap(), 8);
-        cs.sync().unwrap();
+        let (blocks, ids, new) = store_blocks(&cs, 8);
+        assert_eq!(new, 8);
         let fresh = || reopen(&dir, &meta);
         let read_all = |cs: &ChunkStore, ids: &[ChunkId]| {
             let mut seen = Vec::new();

@@ -208,9 +208,7 @@ impl ActivePack {
         self.len += parts.iter().map(|p| p.len() as u64).sum::<u64>();
         Ok(())
     }
-}
 
-impl ActivePack {
     /// Writes `parts` back to back at the end. The whole pages of a large append go with
     /// `O_DIRECT` from a reused staging buffer: through the page cache they cost a copy
     /// into freshly allocated pages, about 0.5 s of CPU per GiB on this kind of VM (free
@@ -225,46 +223,50 @@ impl ActivePack {
         let (start, end) = (self.len, self.len + total);
         let a = start.div_ceil(PAGE) * PAGE;
         let b = end / PAGE * PAGE;
-        if self.direct.is_none() || b < a + DIRECT_MIN {
+        let Some(direct) = self.direct.as_ref().filter(|_| b >= a + DIRECT_MIN) else {
             return write_all_vectored_at(&self.file, parts, start);
-        }
+        };
         write_all_vectored_at(&self.file, &byte_range(parts, 0, a - start), start)?;
         let mut at = a;
         while at < b {
             let n = (b - at).min(DIRECT_MAX);
-            if let Err(e) = self.write_direct(&byte_range(parts, at - start, at + n - start), at) {
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(e);
+            let pages = byte_range(parts, at - start, at + n - start);
+            match write_direct(direct, &mut self.stage, &pages, at) {
+                Ok(()) => at += n,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Alignment the filesystem will not take: the page cache from now on.
+                    self.direct = None;
+                    let rest = byte_range(parts, at - start, b - start);
+                    write_all_vectored_at(&self.file, &rest, at)?;
+                    break;
                 }
-                // Alignment the filesystem will not take: through the page cache from now on.
-                self.direct = None;
-                write_all_vectored_at(&self.file, &byte_range(parts, at - start, b - start), at)?;
-                break;
+                Err(e) => return Err(e),
             }
-            at += n;
         }
         write_all_vectored_at(&self.file, &byte_range(parts, b - start, total), b)
     }
+}
 
-    /// Copies `parts` (whole pages in all) into the staging buffer and writes them at
-    /// `offset` (page-aligned) with `O_DIRECT`.
-    fn write_direct(&mut self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-        let n: usize = parts.iter().map(|p| p.len()).sum();
-        if self.stage.len() < DIRECT_MAX as usize + PAGE as usize {
-            self.stage = vec![0u8; (DIRECT_MAX + PAGE) as usize];
-        }
-        let at = self.stage.as_ptr().align_offset(PAGE as usize);
-        let buf = &mut self.stage[at..at + n];
-        let mut o = 0;
-        for p in parts {
-            buf[o..o + p.len()].copy_from_slice(p);
-            o += p.len();
-        }
-        match &self.direct {
-            Some(d) => d.write_all_at(buf, offset),
-            None => self.file.write_all_at(buf, offset),
-        }
+/// Copies `parts` (whole pages in all) into `stage` (allocated at the first use) and
+/// writes them at `offset` (page-aligned) through `direct`, opened with `O_DIRECT`.
+fn write_direct(
+    direct: &File,
+    stage: &mut Vec<u8>,
+    parts: &[&[u8]],
+    offset: u64,
+) -> io::Result<()> {
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    if stage.len() < (DIRECT_MAX + PAGE) as usize {
+        *stage = vec![0u8; (DIRECT_MAX + PAGE) as usize];
     }
+    let at = stage.as_ptr().align_offset(PAGE as usize);
+    let buf = &mut stage[at..at + n];
+    let mut o = 0;
+    for p in parts {
+        buf[o..o + p.len()].copy_from_slice(p);
+        o += p.len();
+    }
+    direct.write_all_at(buf, offset)
 }
 
 /// The bytes `[from, to)` of `parts` taken back to back, as slices of them.
@@ -356,9 +358,9 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::R
     Ok(())
 }
 
-/// Drops the page cache's clean copy of bytes `[offset, offset + len)` of `file`, so the
-/// next read of them goes to the disk (`POSIX_FADV_DONTNEED`; only advice).
-pub fn drop_cached(file: &File, offset: u64, len: u64) {
+/// Gives the kernel `advice` (`POSIX_FADV_*`) on bytes `[offset, offset + len)` of
+/// `file` (len 0: to the end). Only advice: a kernel that does not take it goes on as before.
+pub fn advise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
     unsafe {
@@ -366,17 +368,9 @@ pub fn drop_cached(file: &File, offset: u64, len: u64) {
             file.as_raw_fd(),
             offset as libc::off_t,
             len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
+            advice,
         )
     };
-}
-
-/// Turns the kernel's readahead off for reads through `file` (`POSIX_FADV_RANDOM`). Only
-/// advice: a kernel that does not take it reads as before.
-pub fn advise_random(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
 }
 
 /// Reads exactly `len` bytes at `offset` of an open pack.
