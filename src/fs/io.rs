@@ -33,6 +33,11 @@ pub enum Whence {
 const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
 const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+/// Reads of the committed blocks under partly written ones in flight at once, each a
+/// random read of the disk. One at a time, the disk sat idle between them and random
+/// 4 KiB writes into 16 KiB blocks waited on it: 7.6-8.7k IOPS, against 9.8-11.4k with 8
+/// (issue 6 note).
+const MERGE_READERS: usize = 8;
 
 /// A copy of `old` (zeros if `None`, `bs` bytes) with `[off, off + len)` overwritten by
 /// `buf` (zeros if `None`).
@@ -296,7 +301,7 @@ impl Datastore {
     }
 
     /// Reads the committed blocks under partly written ones (`(partial, written data)`,
-    /// merged or not) in one batched read, and merges each.
+    /// merged or not) in batched reads, [`MERGE_READERS`] at once, and merges each.
     pub(super) fn merge(&self, pending: &[(&Partial, &[u8])]) -> Result<()> {
         let pending: Vec<&(&Partial, &[u8])> = pending
             .iter()
@@ -305,12 +310,37 @@ impl Datastore {
         if pending.is_empty() {
             return Ok(());
         }
-        let ids: Vec<ChunkId> = pending.iter().map(|(p, _)| p.base).collect();
-        // Blocks partly written anywhere: read alone without readahead.
-        self.chunks.get_many(&ids, Access::Random, &mut |i, base| {
-            let (p, data) = pending[i];
-            p.merge(data, base);
-            Ok(())
+        let read = |part: &[&(&Partial, &[u8])]| {
+            let ids: Vec<ChunkId> = part.iter().map(|(p, _)| p.base).collect();
+            // Blocks partly written anywhere: read alone without readahead.
+            self.chunks.get_many(&ids, Access::Random, &mut |i, base| {
+                let (p, data) = part[i];
+                p.merge(data, base);
+                Ok(())
+            })
+        };
+        if pending.len() < 2 * MERGE_READERS {
+            return read(&pending);
+        }
+        // In block order, so each part keeps the runs of neighbouring blocks it has.
+        let per = pending.len().div_ceil(MERGE_READERS);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = pending
+                .chunks(per)
+                .map(|part| {
+                    let spawned = std::thread::Builder::new()
+                        .name("thinfs-merge".into())
+                        .spawn_scoped(s, move || read(part));
+                    // No thread to be had: this one reads the part.
+                    spawned.map_err(|_| read(part))
+                })
+                .collect();
+            readers.into_iter().try_for_each(|r| match r {
+                Ok(reader) => reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(inline) => inline,
+            })
         })
     }
 
