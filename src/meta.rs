@@ -746,12 +746,7 @@ impl Meta {
     /// Records where each of several records of `index` is stored.
     pub fn put_locs(&self, index: Index, locs: &[(ChunkId, ChunkLoc)]) -> Result<()> {
         let _w = self.index_writes.lock();
-        for (id, loc) in locs {
-            buckets::update(&self.db, &self.buckets, index.tag(), id, |slot| {
-                *slot = Some(*loc)
-            })?;
-        }
-        Ok(())
+        buckets::put_many(&self.db, &self.buckets, index.tag(), locs)
     }
 
     /// Loads the keys of every index bucket into memory, so lookups read their bucket
