@@ -110,7 +110,7 @@ fn work(ds: Weak<Datastore>, rx: Arc<Mutex<Receiver<Vec<Item>>>>, stopped: Arc<A
             return;
         }
         let Some(ds) = ds.upgrade() else { return };
-        // Partly written blocks: read their committed content (in one batched read) and
+        // Partly written blocks: read their committed content (in batched reads) and
         // merge; one whose base cannot be read is left to the flush.
         let partial: Vec<(&super::Partial, &[u8])> = job
             .iter()

@@ -11,11 +11,15 @@
 //! name's prefix. The first bucket of an index has `lo` 0.
 //!
 //! A full bucket splits in two steps: first its upper part is written as new buckets
-//! (halved until each is within the limit; one atomic sled write each), then the old one
-//! is rewritten without it. A reader in between is routed to the new buckets for the
-//! upper part and finds every entry either way; a crash in between leaves copies in the
-//! old bucket that no lookup reaches and that iteration skips (it keeps only the names
-//! within each bucket's range) and the bucket's next split drops.
+//! (halved until each is within the limit; one atomic sled write each, the highest
+//! first), then the old one is rewritten without it. A reader in between is routed to
+//! the new buckets written so far and finds every entry either way: each covers up to
+//! the next one already written, so it holds every entry of its range, and the old
+//! bucket still holds the rest. A crash in between (sled recovers a prefix of its
+//! writes) leaves copies in the old bucket that no lookup reaches and that iteration
+//! skips (it keeps only the names within each bucket's range) and the bucket's next
+//! split drops. (Lowest first, a crash after the first new bucket would leave it
+//! covering names it does not hold.)
 //!
 //! A bucket is never removed, even empty: its range would fall to the bucket below,
 //! which may still hold copies from a split a crash cut short. (Names are uniform
@@ -110,7 +114,7 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<Entries> {
 /// it scans, and a split adds its new key right after writing the new bucket (before
 /// rewriting the old one), so once loaded the set holds every key in sled. A lock-free
 /// reader may miss a key being added: it then reads the old bucket, which holds every
-/// entry until the split's second write, and after it answers absent for the moved half,
+/// entry until the split's last write, and after it answers absent for the moved part,
 /// which callers ask again holding the writers' lock. ~15 bytes of memory a bucket
 /// (under 1 byte per indexed name).
 #[derive(Default)]
@@ -271,7 +275,8 @@ pub fn put_many(
     locs: &[(ChunkId, ChunkLoc)],
 ) -> Result<()> {
     let mut locs = locs.to_vec();
-    locs.sort_unstable_by_key(|a| a.0 .0);
+    // Stable: of a name given twice, the later place wins, as one at a time.
+    locs.sort_by_key(|a| a.0 .0);
     let mut rest = &locs[..];
     while let Some((id, _)) = rest.first() {
         let found = bucket_of(db, dir, tag, id)?;
@@ -310,10 +315,11 @@ pub fn put_many(
     Ok(())
 }
 
-/// Writes bucket `lo` (covering names up to the next bucket's `hi`) with `entries`,
-/// splitting it while over [`BUCKET_MAX`] (`first`: the index had no bucket). The new
-/// upper buckets are written first, each one atomic sled write, then bucket `lo`
-/// without them: see the module comment for why a crash in between loses nothing.
+/// Writes bucket `lo` with `entries`, splitting it while over [`BUCKET_MAX`] (`first`:
+/// the index had no bucket; `hi`: the next bucket's `lo`, needed only when `entries` are
+/// over the limit). The new upper buckets are written first, the highest first, each one
+/// atomic sled write, then bucket `lo` without them: see the module comment for why a
+/// crash in between loses nothing.
 fn write_back(
     db: &sled::Db,
     dir: &Directory,
@@ -330,11 +336,15 @@ fn write_back(
     }
     let mut parts = split(entries).into_iter();
     let lowest = parts.next().unwrap_or_default();
-    for upper in parts {
+    for upper in parts.rev() {
         let k = key(tag, prefix(&upper[0].0));
+        #[cfg(test)]
+        tests::crash_point()?;
         db.insert(k, encode(&upper))?;
         dir.add(k);
     }
+    #[cfg(test)]
+    tests::crash_point()?;
     db.insert(key(tag, lo), encode(&lowest))?;
     if first {
         dir.add(key(tag, lo));
@@ -371,7 +381,7 @@ fn split(entries: Entries) -> Vec<Entries> {
 }
 
 /// Every entry of the index, in name order. Entries a bucket holds outside its range (a
-/// crash between the two steps of a split) are skipped.
+/// crash in the middle of a split) are skipped.
 pub fn iter(db: &sled::Db, tag: u8) -> impl Iterator<Item = Result<(ChunkId, ChunkLoc)>> + '_ {
     let mut buckets = db.scan_prefix([tag]).peekable();
     let mut pending: std::vec::IntoIter<(ChunkId, ChunkLoc)> = Vec::new().into_iter();
@@ -410,6 +420,61 @@ pub fn iter(db: &sled::Db, tag: u8) -> impl Iterator<Item = Result<(ChunkId, Chu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Bucket writes [`write_back`] makes on this thread before it fails as if the
+        /// daemon died there (`None`: no crash).
+        static WRITES_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    pub(super) fn crash_point() -> Result<()> {
+        match WRITES_LEFT.get() {
+            Some(0) => Err(FsError::Meta("crashed here (test)".into())),
+            left => {
+                WRITES_LEFT.set(left.map(|n| n - 1));
+                Ok(())
+            }
+        }
+    }
+
+    /// A batch that splits buckets into many parts, cut short after every possible number
+    /// of bucket writes (what sled recovers after a crash is a prefix of its writes):
+    /// every entry stored before is still found, iteration yields each name once, and the
+    /// batch given again afterwards leaves every entry findable.
+    #[test]
+    fn a_batch_cut_short_anywhere_loses_no_entry_stored_before() {
+        let name = |n: u64| ChunkId::of(&n.to_le_bytes());
+        let before: Vec<(ChunkId, ChunkLoc)> = (0..100).map(|n| (name(n), loc(n))).collect();
+        let batch: Vec<(ChunkId, ChunkLoc)> = (100..700).map(|n| (name(n), loc(n))).collect();
+        for k in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::open(dir.path()).unwrap();
+            let d = directory(&db, true);
+            put_many(&db, &d, b'X', &before).unwrap();
+            WRITES_LEFT.set(Some(k));
+            let done = put_many(&db, &d, b'X', &batch).is_ok();
+            WRITES_LEFT.set(None);
+            // The daemon starts again: the directory is loaded from what sled holds.
+            let d = directory(&db, true);
+            for (id, l) in &before {
+                assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(*l), "cut after {k}");
+            }
+            let all: Vec<_> = iter(&db, b'X').map(|e| e.unwrap()).collect();
+            assert!(
+                all.windows(2).all(|w| w[0].0 .0 < w[1].0 .0),
+                "cut after {k}"
+            );
+            put_many(&db, &d, b'X', &batch).unwrap();
+            for (id, l) in before.iter().chain(&batch) {
+                assert_eq!(get(&db, &d, b'X', id).unwrap(), Some(*l), "cut after {k}");
+            }
+            assert_eq!(iter(&db, b'X').count(), 700, "cut after {k}");
+            if done {
+                assert!(k > 20, "the batch split buckets into many parts");
+                break;
+            }
+        }
+    }
 
     fn loc(n: u64) -> ChunkLoc {
         ChunkLoc {
