@@ -1140,9 +1140,6 @@ mod tests {
         assert_eq!(ds.read(f, 0, bs as u32).unwrap(), data[..bs as usize]);
     }
 
-    /// The same with the pre-store workers on (they merge partly written blocks while
-    /// this thread writes and reads them), and one block written in more separate
-    /// pieces than a partial block keeps.
     /// Flips a byte of block `idx`'s chunk in its pack; returns the chunk's name.
     fn damage_block(ds: &Datastore, store: &std::path::Path, f: InodeNo, idx: u64) -> ChunkId {
         let root = ds.inode(f).unwrap().map;
@@ -1180,6 +1177,9 @@ mod tests {
         assert!(ds.read(f, bad * bs as u64, bs as u32).is_err());
     }
 
+    /// The same with the pre-store workers on (they merge partly written blocks while
+    /// this thread writes and reads them), and one block written in more separate
+    /// pieces than a partial block keeps.
     #[test]
     fn partial_blocks_with_pre_store_workers_and_many_pieces() {
         let dir = tempfile::tempdir().unwrap();

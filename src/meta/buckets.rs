@@ -566,7 +566,7 @@ mod tests {
     /// replacing entries: every entry is found with its latest place, iteration is in
     /// name order without copies, and no bucket is over the limit.
     #[test]
-    fn put_many_in_batches_matches_one_at_a_time() {
+    fn put_many_in_batches_keeps_each_latest_place() {
         for loaded in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let db = sled::open(dir.path()).unwrap();
@@ -577,8 +577,9 @@ mod tests {
                 let start = next;
                 let batch: Vec<(ChunkId, ChunkLoc)> = (0..size)
                     .map(|k| {
-                        // Every third name of a later batch is one stored before (a
-                        // batch holds each name once, as callers give).
+                        // Every third name of a later batch is an earlier one, most of
+                        // them stored before (a batch holds each name once, as callers
+                        // give).
                         let old = (k / 3) as u64;
                         let n = match k % 3 == 0 && old < start {
                             true => old,
